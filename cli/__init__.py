@@ -1,0 +1,1 @@
+"""The `tokenrl-mlx` command line (installed as the `tokenrl_cli` package)."""

@@ -1,0 +1,141 @@
+"""fuse / chat / generate: use what `train` produced."""
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mlx_tokenrl.models import DEFAULT_MODEL
+
+from .common import UserError, err_console, user_errors
+
+ModelOpt = Annotated[str, typer.Option(
+    help="Base model: hub id, local mlx-lm directory, fused directory or .gguf file.")]
+AdapterOpt = Annotated[Optional[Path], typer.Option(
+    help="LoRA adapter directory (adapters.safetensors + adapter_config.json).")]
+SystemOpt = Annotated[Optional[str], typer.Option(help="System message put before the conversation.")]
+
+
+def fuse(
+    adapter: Annotated[Path, typer.Option(help="LoRA adapter directory to merge into the model.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the fused mlx-lm model to.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    dequantize: Annotated[bool, typer.Option(
+        help="Write full-precision weights even if the base model is quantized.")] = False,
+    upload: Annotated[Optional[str], typer.Option(
+        help="Also push the fused model to this Hugging Face repo (user/name).")] = None,
+):
+    """Merge a LoRA adapter into its base model: a standalone mlx-lm model directory."""
+    from mlx_tokenrl import fuse as fusing
+
+    with user_errors():
+        if Path(model).expanduser().resolve() == out.expanduser().resolve():
+            raise UserError("--out must differ from --model: the base model would be overwritten")
+        out_dir = fusing.fuse_adapter(model, adapter, out, dequantize=dequantize)
+        err_console.print(f"fused model saved to {out_dir}", highlight=False)
+        if upload:
+            try:
+                fusing.upload(out_dir, upload)
+            except Exception as exc:  # auth, network, bad repo id: the fused model is still on disk
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"upload of {out_dir} to {upload} failed: {reason}") from None
+
+
+def _load(model, adapter):
+    from mlx_tokenrl.models import load_model
+
+    return load_model(model, adapter_path=adapter)
+
+
+def _sampler(temperature: float, top_p: float = 1.0):
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp=temperature, top_p=top_p)
+
+
+def _stream(net, tokenizer, prompt, max_tokens, sampler) -> str:
+    """Print the reply as it is generated; return its full text."""
+    from mlx_lm import stream_generate
+
+    pieces = []
+    try:
+        for response in stream_generate(net, tokenizer, prompt, max_tokens=max_tokens,
+                                        sampler=sampler):
+            print(response.text, end="", flush=True)
+            pieces.append(response.text)
+    except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session
+        pass
+    print(flush=True)
+    return "".join(pieces)
+
+
+def _chat_prompt(tokenizer, messages):
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def chat(
+    model: ModelOpt = DEFAULT_MODEL,
+    adapter: AdapterOpt = None,
+    system: SystemOpt = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1 = off).")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
+):
+    """Multi-turn chat in the terminal. /reset starts over, /exit or Ctrl-D quits."""
+    with user_errors():
+        net, tokenizer = _load(model, adapter)
+        if not tokenizer.has_chat_template:
+            raise UserError(f"model {model!r} has no chat template; use `generate --raw`")
+        tty = sys.stdin.isatty()
+        if tty:
+            err_console.print("[dim]/reset starts over, /exit or Ctrl-D quits[/]", highlight=False)
+        start = [{"role": "system", "content": system}] if system else []
+        messages = list(start)
+        sampler = _sampler(temperature, top_p)
+        while True:
+            try:
+                line = input(">>> " if tty else "").strip()
+            except (EOFError, KeyboardInterrupt):
+                if tty:
+                    print()  # leave the shell prompt on a fresh line
+                break
+            if line == "/exit":
+                break
+            if line == "/reset":
+                messages = list(start)
+                err_console.print("[dim]conversation reset[/]", highlight=False)
+                continue
+            if not line:
+                continue
+            messages.append({"role": "user", "content": line})
+            if not tty:
+                print("> ", end="")  # marks where each reply starts in piped output
+            reply = _stream(net, tokenizer, _chat_prompt(tokenizer, messages), max_tokens, sampler)
+            messages.append({"role": "assistant", "content": reply})
+
+
+def generate(
+    prompt: Annotated[str, typer.Option(help="The prompt; '-' reads it from stdin.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    adapter: AdapterOpt = None,
+    system: SystemOpt = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 512,
+    raw: Annotated[bool, typer.Option(help="Feed the prompt as is, without the chat template.")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed for sampling (temperature > 0).")] = 0,
+):
+    """One-shot completion for scripts: prints only the generated text to stdout."""
+    import mlx.core as mx
+
+    with user_errors():
+        if prompt == "-":
+            prompt = sys.stdin.read()
+        net, tokenizer = _load(model, adapter)
+        if not raw and tokenizer.has_chat_template:
+            messages = [{"role": "system", "content": system}] if system else []
+            prompt = _chat_prompt(tokenizer, messages + [{"role": "user", "content": prompt}])
+        elif system:
+            raise UserError("--system needs the chat template: drop --raw or put it in the prompt")
+        mx.random.seed(seed)
+        _stream(net, tokenizer, prompt, max_tokens, _sampler(temperature))

@@ -1,0 +1,164 @@
+"""One policy-gradient loss for all three algorithms, computed only where it is needed.
+
+    L = -sum_s w_s * A_s * log pi(y_s | context_s)   (+ beta * sum_s w_s * k3_s)
+
+over selected tokens s, with normalisation weights w_s from `normalisation_weights`. The
+transformer runs only up to each row's last selected position (rows are cropped), and the
+LM head + log-softmax are applied to the selected positions' hidden states only, so an
+S-GRPO / T-SPMO step never materialises full-vocabulary logits for every position.
+Shapes are bucketed (width to a multiple of 32, selections to a power of two, a fixed
+number of rows per microbatch) so the compiled step is reused across steps.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+WIDTH_BUCKET = 32
+MIN_SELECTIONS = 32
+
+
+@dataclass
+class LossRow:
+    context: list  # prompt tokens (plus a replayed prefix), conditioning only
+    completion: list  # sampled tokens; selected positions index into this
+
+
+@dataclass
+class MicroBatch:
+    inputs: mx.array  # (rows, width) int32, right-padded
+    rows: mx.array  # (S,) row of each selected token
+    cols: mx.array  # (S,) input position whose hidden state predicts it
+    targets: mx.array  # (S,) the selected token ids
+    advantages: mx.array  # (S,) float32
+    weights: mx.array  # (S,) float32, 0 on padding
+    ref_logprobs: mx.array | None = None  # (S,) under the base model, for the KL term
+
+
+def normalisation_weights(triples, norm: str, num_completions: int, num_selected: int):
+    """Per-triple weight. `sequence`: 1 / (N * |T_i|) (the paper's mean over completions of
+    each completion's mean); `token`: 1 / (total selected tokens). N and the total are
+    passed in, not counted here, because with several ranks they are global."""
+    if norm == "token":
+        return np.full(len(triples), 1.0 / max(num_selected, 1), dtype=np.float32)
+    if norm != "sequence":
+        raise ValueError(f"unknown loss norm {norm!r}: use sequence or token")
+    per_row = {}
+    for row, _, _ in triples:
+        per_row[row] = per_row.get(row, 0) + 1
+    return np.array([1.0 / (num_completions * per_row[row]) for row, _, _ in triples],
+                    dtype=np.float32)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pow2(n: int) -> int:
+    return max(MIN_SELECTIONS, 1 << (max(n, 1) - 1).bit_length())
+
+
+def make_microbatches(loss_rows, triples, weights, rows_per_batch: int):
+    """Group the selected tokens by row into fixed-size microbatches of cropped rows."""
+    by_row = {}
+    for (row, pos, adv), weight in zip(triples, weights):
+        by_row.setdefault(row, []).append((pos, adv, weight))
+    # Longest crops together, so padding inside a microbatch stays small.
+    order = sorted(by_row, key=lambda r: -(len(loss_rows[r].context) + max(p for p, _, _ in by_row[r])))
+    batches = []
+    for start in range(0, len(order), rows_per_batch):
+        chunk = order[start:start + rows_per_batch]
+        sequences, sel = [], []
+        for slot, row in enumerate(chunk):
+            ctx, comp = loss_rows[row].context, loss_rows[row].completion
+            if not ctx:
+                raise ValueError("a loss row needs at least one context token")
+            last = max(p for p, _, _ in by_row[row])
+            # The hidden state at input position len(ctx)+pos-1 predicts completion[pos].
+            sequences.append(ctx + comp[:last])
+            sel += [(slot, len(ctx) + pos - 1, comp[pos], adv, w) for pos, adv, w in by_row[row]]
+        width = _round_up(max(len(s) for s in sequences), WIDTH_BUCKET)
+        slots = min(rows_per_batch, 1 << (len(chunk) - 1).bit_length())
+        inputs = np.zeros((slots, width), dtype=np.int32)
+        for slot, seq in enumerate(sequences):
+            inputs[slot, :len(seq)] = seq
+        padded = _pow2(len(sel))
+        cols = np.zeros((5, padded), dtype=np.float64)
+        cols[:, :len(sel)] = np.array(sel, dtype=np.float64).T
+        batches.append(MicroBatch(
+            inputs=mx.array(inputs), rows=mx.array(cols[0].astype(np.int32)),
+            cols=mx.array(cols[1].astype(np.int32)), targets=mx.array(cols[2].astype(np.int32)),
+            advantages=mx.array(cols[3].astype(np.float32)),
+            weights=mx.array(cols[4].astype(np.float32))))
+    return batches
+
+
+def lm_head(model, hidden):
+    if getattr(model.args, "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear(hidden)
+    return model.lm_head(hidden)
+
+
+def selected_logprobs(model, batch: MicroBatch) -> mx.array:
+    """log pi(target | context) at the selected positions only."""
+    hidden = model.model(batch.inputs)
+    picked = hidden[batch.rows, batch.cols]
+    logits = lm_head(model, picked).astype(mx.float32)
+    target_logits = mx.take_along_axis(logits, batch.targets[:, None], axis=-1)[:, 0]
+    return target_logits - mx.logsumexp(logits, axis=-1)
+
+
+def policy_loss(model, batch: MicroBatch, beta: float = 0.0) -> mx.array:
+    logp = selected_logprobs(model, batch)
+    loss = -(batch.weights * batch.advantages * logp).sum()
+    if beta > 0:
+        # k3 estimator of KL(pi || pi_ref) on the selected tokens.
+        log_ratio = batch.ref_logprobs - logp
+        loss = loss + beta * (batch.weights * (mx.exp(log_ratio) - log_ratio - 1)).sum()
+    return loss
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The reference policy is the base model: LoRA layers with scale 0 (no weight copy)."""
+    lora = [m for _, m in model.named_modules() if hasattr(m, "lora_a")]
+    scales = [m.scale for m in lora]
+    for m in lora:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(lora, scales):
+            m.scale = s
+
+
+def attach_ref_logprobs(model, batches):
+    with lora_disabled(model):
+        for batch in batches:
+            batch.ref_logprobs = mx.stop_gradient(selected_logprobs(model, batch))
+            mx.eval(batch.ref_logprobs)
+
+
+def make_loss_and_grad(model, beta: float = 0.0, compile: bool = True):
+    """Return f(batch) -> (loss, grads of the trainable parameters)."""
+
+    def loss_fn(inputs, rows, cols, targets, advantages, weights, ref_logprobs):
+        batch = MicroBatch(inputs, rows, cols, targets, advantages, weights, ref_logprobs)
+        return policy_loss(model, batch, beta)
+
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    if compile:
+        # value_and_grad swaps traced parameters into the model: declare the model's
+        # state as both input and output so the compiled graph leaves it intact.
+        value_and_grad = partial(mx.compile, inputs=model.state, outputs=model.state)(value_and_grad)
+
+    def step(batch: MicroBatch):
+        ref = batch.ref_logprobs if batch.ref_logprobs is not None else mx.zeros_like(batch.weights)
+        return value_and_grad(batch.inputs, batch.rows, batch.cols, batch.targets,
+                              batch.advantages, batch.weights, ref)
+
+    return step

@@ -1,0 +1,102 @@
+"""Load models through mlx-lm, cast them to the compute dtype, and attach LoRA."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from .backend import resolve_dtype
+
+DEFAULT_MODEL = "Qwen/Qwen2-1.5B-Instruct"
+
+
+class ModelLoadError(Exception):
+    """One-line, user-facing reason a model or adapter could not be loaded."""
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).exists()
+
+
+def resolve_model_path(model: str) -> str:
+    """A local dir stays as is, a .gguf file is converted once to a cache dir, else a hub id."""
+    if model.endswith(".gguf"):
+        from .gguf_import import cached_conversion
+
+        if not Path(model).expanduser().is_file():
+            raise ModelLoadError(f"GGUF file not found: {model}")
+        return str(cached_conversion(Path(model).expanduser()))
+    if _looks_like_path(model):
+        path = Path(model).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"model {model!r}: no such mlx-lm model directory (expected {path / 'config.json'})")
+        return str(path)
+    return model
+
+
+def load_model(model: str = DEFAULT_MODEL, adapter_path=None, dtype: str = "auto",
+               quantize_bits: int | None = None):
+    """Return (model, tokenizer) ready for compute: cast, optionally quantized, adapter applied."""
+    path = resolve_model_path(model)
+    try:
+        net, tokenizer, config = mlx_lm.load(path, return_config=True)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # hub unreachable, missing repo, bad config: one clear line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"could not load model {model!r} ({reason}); pass a local mlx-lm directory "
+            f"or a .gguf file with --model") from None
+    checkpoint_dtype = getattr(mx, str(config.get("torch_dtype", "")), None)
+    net.set_dtype(resolve_dtype(dtype, checkpoint_dtype if isinstance(checkpoint_dtype, mx.Dtype) else None))
+    if quantize_bits:
+        nn.quantize(net, group_size=64, bits=quantize_bits)
+    if adapter_path is not None:
+        load_adapter(net, adapter_path, model)
+    mx.eval(net.parameters())
+    return net, tokenizer
+
+
+def load_adapter(net, adapter_path, model_name="model"):
+    from mlx_lm.tuner.utils import load_adapters
+
+    adapter_path = Path(adapter_path)
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (adapter_path / name).is_file():
+            raise ModelLoadError(f"adapter {adapter_path}: missing {name}")
+    try:
+        load_adapters(net, str(adapter_path))
+    except ValueError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise ModelLoadError(
+            f"adapter {adapter_path} does not fit model {model_name!r}: {first}") from None
+    net.eval()
+    return net
+
+
+def lora_config(rank: int = 8, scale: float = 20.0, num_layers: int = -1,
+                keys: list[str] | None = None, dropout: float = 0.0) -> dict:
+    """The adapter_config.json content mlx-lm expects (`mlx_lm.load(adapter_path=...)`)."""
+    params = {"rank": rank, "scale": scale, "dropout": dropout}
+    if keys:
+        params["keys"] = list(keys)
+    return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
+
+
+def add_lora(net, config: dict):
+    """Freeze the base and insert LoRA layers as mlx-lm's own trainer does."""
+    net.freeze()
+    num_layers = config["num_layers"]
+    if num_layers < 0:
+        num_layers = len(net.layers)
+    linear_to_lora_layers(net, num_layers, config["lora_parameters"])
+    return net
+
+
+def save_adapter_config(out_dir, config: dict, base_model: str):
+    data = {**config, "base_model": base_model}
+    Path(out_dir, "adapter_config.json").write_text(json.dumps(data, indent=2))

@@ -1,0 +1,135 @@
+"""Answer extraction and verifiers: completion text -> reward in [0, 1]. Pure Python."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+MARKER = "####"
+
+_NUMBER = re.compile(
+    r"""
+    (?:(?<![\w)\]])(?P<sign>[-+\u2212]))?   # a '-' right after a word or ')' is subtraction
+    (?:\$\s*)?
+    (?<![\d.])                               # never start inside another number
+    (?P<num>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)
+    (?:/(?P<den>\d+(?:\.\d+)?))?
+    %?
+    """,
+    re.VERBOSE,
+)
+# Wrapping a final answer in markdown / LaTeX is common and should not cost the reward.
+_WRAPPERS = " \t\r\n*_`"
+_BOXED = re.compile(r"^\\boxed\{(.*)\}$")
+
+
+def _value(match: re.Match) -> float | None:
+    value = float(match["num"].replace(",", ""))
+    if match["den"] is not None:
+        den = float(match["den"])
+        if den == 0:
+            return None
+        value /= den
+    return -value if match["sign"] in ("-", "\u2212") else value
+
+
+def _numbers(text: str) -> list[float]:
+    values = (_value(m) for m in _NUMBER.finditer(text))
+    return [v for v in values if v is not None]
+
+
+def parse_number(text: str) -> float | None:
+    """Parse a whole string as one number ("$1,234.00", "**42**", "-3/4", "50%"); else None."""
+    s = text.strip(_WRAPPERS)
+    boxed = _BOXED.match(s)
+    if boxed:
+        s = boxed.group(1).strip(_WRAPPERS)
+    s = s.rstrip(".").strip(_WRAPPERS)
+    if s[:1] in "-+\u2212" and s[1:2] == "$":
+        s = s[0] + s[2:]  # "-$5": move the sign past the currency symbol
+    match = _NUMBER.fullmatch(s)
+    return _value(match) if match else None
+
+
+def extract_answer(text: str) -> tuple[float | None, bool]:
+    """(first number after the last '####', True); else (last number in text, False); else (None, False)."""
+    _, marker, tail = text.rpartition(MARKER)
+    if marker:
+        after = _numbers(tail)
+        if after:
+            return after[0], True
+    numbers = _numbers(text)
+    return (numbers[-1], False) if numbers else (None, False)
+
+
+def numbers_equal(a: float, b: float) -> bool:
+    """Equal up to a relative tolerance of 1e-6 (plus a tiny absolute one for zero)."""
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def numeric_reward(completion: str, answer: str | float) -> float:
+    """1.0 if the extracted answer equals the numeric gold answer, else 0.0."""
+    gold = parse_number(answer) if isinstance(answer, str) else float(answer)
+    if gold is None:
+        raise ValueError(f"gold answer {answer!r} is not a number")
+    value, _ = extract_answer(completion)
+    return 1.0 if value is not None and numbers_equal(value, gold) else 0.0
+
+
+def _normalise_text(text: str) -> str:
+    text = " ".join(text.split()).strip(_WRAPPERS)
+    return text.removesuffix(".").strip(_WRAPPERS).casefold()
+
+
+def exact_match_reward(completion: str, answer: str | float) -> float:
+    """1.0 if the first line after the last '####' (or the whole completion) equals the answer."""
+    _, marker, tail = completion.rpartition(MARKER)
+    if marker:
+        # Models often keep talking after the answer line; only that line is the answer.
+        lines = [line for line in tail.splitlines() if line.strip()]
+        candidate = lines[0] if lines else ""
+    else:
+        candidate = completion
+    return 1.0 if _normalise_text(candidate) == _normalise_text(str(answer)) else 0.0
+
+
+def _import_module(name: str):
+    path = Path(name)
+    if name.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {name}")
+        mod_name = f"_tokenrl_reward_{path.stem}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {name}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module  # so dataclasses/pickle inside the module work
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(mod_name, None)
+            raise
+        return module
+    return importlib.import_module(name)
+
+
+def load_reward_fn(spec: str) -> Callable[[str, str], float]:
+    """Load a reward function `fn(completion, answer) -> float` from "module:function" or "file.py:function"."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {spec!r} must look like 'module:function' or 'file.py:function'")
+    try:
+        module = _import_module(module_name)
+    except Exception as exc:
+        raise ValueError(f"cannot import reward function {spec!r}: {type(exc).__name__}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ValueError(f"cannot load reward function {spec!r}: {module_name} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r} is not callable")
+    return fn

@@ -1,0 +1,151 @@
+"""Batched rollouts: B prompts x G completions each, all in flight together.
+
+Why our own decode loop instead of `mlx_lm.batch_generate`: measured on SmolLM2-135M on
+CPU, batch_generate spends more time around the model (per-sequence bookkeeping,
+detokenising every step, stop-condition checks) than in it. RL needs none of that per step:
+we keep token ids on the device, look at them once per step as one small host array, and
+detokenise once at the end. The model, its KV caches (`BatchKVCache`) and top-p filter
+are mlx-lm's.
+
+Each prompt is prefilled once; its KV rows are then repeated for its G completions.
+Finished rows are dropped from the batch (cache compaction) so a few long completions do
+not keep every row busy. Sampling uses one random key per completion, advanced every step:
+what is sampled for a prompt depends on its seed only, not on which other prompts share the
+batch or when rows are compacted.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.sample_utils import apply_top_p
+
+# Drop finished rows once at least this share of the batch has finished: compaction copies
+# the KV cache, so doing it for every single finished row would cost more than it saves.
+COMPACT_FRACTION = 0.25
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.6
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+
+@dataclass
+class Completion:
+    prompt_index: int  # index into the prompts passed to `rollout`
+    tokens: list  # sampled ids, EOS included when it was produced
+    truncated: bool  # hit max_new_tokens before EOS
+    text: str = ""  # decoded without the EOS token
+    reward: float = 0.0
+
+
+def prompt_keys(seeds, group_size: int) -> mx.array:
+    """One PRNG key per completion, (len(seeds) * group_size, 2), prompt-major."""
+    keys = [mx.random.split(mx.random.key(int(s)), group_size) for s in seeds]
+    return mx.concatenate(keys, axis=0)
+
+
+_advance_keys = mx.vmap(lambda k: mx.random.split(k)[0])
+
+
+def sample_tokens(logits: mx.array, keys: mx.array, params: SamplingParams) -> mx.array:
+    """Per-row Gumbel-max sampling with per-row keys; greedy at temperature 0."""
+    if params.temperature == 0:
+        return mx.argmax(logits, axis=-1)
+    logits = logits.astype(mx.float32) * (1.0 / params.temperature)
+    if params.top_p < 1.0:
+        logits = apply_top_p(logits - mx.logsumexp(logits, axis=-1, keepdims=True), params.top_p)
+    vocab = logits.shape[-1]
+    noise = mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(keys)
+    return mx.argmax(logits + noise, axis=-1)
+
+
+def _left_pad(sequences, pad_id: int = 0):
+    width = max(len(s) for s in sequences)
+    padding = [width - len(s) for s in sequences]
+    batch = np.full((len(sequences), width), pad_id, dtype=np.int32)
+    for row, (seq, pad) in enumerate(zip(sequences, padding)):
+        batch[row, pad:] = seq
+    return mx.array(batch), padding
+
+
+def prefill(model, prompt_tokens):
+    """Run every prompt once (left-padded together); return the cache and last logits."""
+    batch, padding = _left_pad(prompt_tokens)
+    cache = [BatchKVCache(padding) for _ in range(len(model.layers))]
+    logits = model(batch, cache=cache)[:, -1, :]
+    return cache, logits
+
+
+def _keep_rows(cache, rows: mx.array):
+    for layer_cache in cache:
+        layer_cache.filter(rows)
+
+
+def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParams,
+                    eos_ids, seeds):
+    """Sample `group_size` completions per prompt; returns (tokens, truncated) per row."""
+    num_rows = len(prompt_tokens) * group_size
+    cache, logits = prefill(model, prompt_tokens)
+    repeat = mx.array(np.repeat(np.arange(len(prompt_tokens)), group_size))
+    _keep_rows(cache, repeat)
+    logits = logits[repeat]
+
+    keys = prompt_keys(seeds, group_size)
+    eos = np.array(sorted(eos_ids), dtype=np.int64)
+    active = np.arange(num_rows)  # global row id of each batch row, in batch order
+    produced = [[] for _ in range(num_rows)]
+    finished = np.zeros(num_rows, dtype=bool)
+
+    tokens = sample_tokens(logits, keys, params)
+    mx.async_eval(tokens)
+    for step in range(params.max_new_tokens):
+        last_step = step == params.max_new_tokens - 1
+        if not last_step:
+            # Queue the next step before reading this one, so the host bookkeeping below
+            # overlaps with the model's compute.
+            keys = _advance_keys(keys)
+            next_tokens = sample_tokens(model(tokens[:, None], cache=cache)[:, -1, :], keys, params)
+            mx.async_eval(next_tokens)
+        host = np.array(tokens)
+        for row, token in zip(active, host):
+            if not finished[row]:
+                produced[row].append(int(token))
+        done_now = np.isin(host, eos) & ~finished[active]
+        finished[active[done_now]] = True
+        if last_step or finished.all():
+            break
+        still = ~finished[active]
+        if still.sum() <= (1 - COMPACT_FRACTION) * len(active):
+            keep = mx.array(np.flatnonzero(still))
+            _keep_rows(cache, keep)
+            next_tokens, keys = next_tokens[keep], keys[keep]
+            active = active[still]
+        tokens = next_tokens
+    truncated = [not finished[row] for row in range(num_rows)]
+    return produced, truncated
+
+
+def rollout(model, tokenizer, prompts, group_size: int, params: SamplingParams,
+            seeds, answers=None, reward_fn=None):
+    """Sample G completions for each prompt (text), decode and score them.
+
+    Returns a prompt-major list of `Completion`s: rows g*G .. g*G+G-1 belong to prompt g.
+    `seeds` holds one integer per prompt and fixes what is sampled for it.
+    """
+    if len(seeds) != len(prompts):
+        raise ValueError("rollout needs one seed per prompt")
+    prompt_tokens = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    eos_ids = set(tokenizer.eos_token_ids)
+    produced, truncated = generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds)
+    completions = []
+    for row, (tokens, cut) in enumerate(zip(produced, truncated)):
+        body = tokens if cut else tokens[:-1]
+        completion = Completion(row // group_size, tokens, cut, tokenizer.decode(body))
+        if reward_fn is not None:
+            completion.reward = float(reward_fn(completion.text, answers[completion.prompt_index]))
+        completions.append(completion)
+    return completions
