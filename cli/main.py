@@ -4,7 +4,7 @@ import typer
 
 from mlx_tokenrl import backend  # noqa: F401  (fast BLAS before any mlx import)
 
-from . import use
+from . import convert, train, use
 
 app = typer.Typer(
     name="tokenrl-mlx",
@@ -14,6 +14,9 @@ app = typer.Typer(
     add_completion=False,
 )
 
+app.command("train")(train.train)
+app.command("eval")(train.evaluate)
+app.command("convert-gguf")(convert.convert_gguf)
 app.command("fuse")(use.fuse)
 app.command("chat")(use.chat)
 app.command("generate")(use.generate)

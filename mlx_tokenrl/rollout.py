@@ -129,23 +129,34 @@ def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParam
     return produced, truncated
 
 
-def rollout(model, tokenizer, prompts, group_size: int, params: SamplingParams,
-            seeds, answers=None, reward_fn=None):
-    """Sample G completions for each prompt (text), decode and score them.
+def rollout(model, tokenizer, prompt_tokens, group_size: int, params: SamplingParams,
+            seeds, answers=None, reward_fn=None, prefixes=None):
+    """Sample G completions for each prompt (token ids), decode and score them.
 
     Returns a prompt-major list of `Completion`s: rows g*G .. g*G+G-1 belong to prompt g.
-    `seeds` holds one integer per prompt and fixes what is sampled for it.
+    `seeds` holds one integer per prompt and fixes what is sampled for it. `prefixes`
+    (T-SPMO replay) are tokens already written for a prompt's answer: they are fed after
+    the prompt and count as part of the answer text that is scored.
     """
-    if len(seeds) != len(prompts):
+    if len(seeds) != len(prompt_tokens):
         raise ValueError("rollout needs one seed per prompt")
-    prompt_tokens = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    prefixes = prefixes or [[] for _ in prompt_tokens]
+    contexts = [list(p) + list(q) for p, q in zip(prompt_tokens, prefixes)]
     eos_ids = set(tokenizer.eos_token_ids)
-    produced, truncated = generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds)
+    produced, truncated = generate_tokens(model, contexts, group_size, params, eos_ids, seeds)
     completions = []
     for row, (tokens, cut) in enumerate(zip(produced, truncated)):
+        prompt = row // group_size
         body = tokens if cut else tokens[:-1]
-        completion = Completion(row // group_size, tokens, cut, tokenizer.decode(body))
+        completion = Completion(prompt, tokens, cut, tokenizer.decode(list(prefixes[prompt]) + body))
         if reward_fn is not None:
-            completion.reward = float(reward_fn(completion.text, answers[completion.prompt_index]))
+            completion.reward = float(reward_fn(completion.text, answers[prompt]))
         completions.append(completion)
     return completions
+
+
+def encode_prompts(tokenizer, texts):
+    """Token ids of prompt texts; BOS added only when the text (chat template) lacks it."""
+    bos = tokenizer.bos_token
+    return [tokenizer.encode(t, add_special_tokens=bool(bos) and not t.startswith(bos))
+            for t in texts]

@@ -1,0 +1,23 @@
+"""`convert-gguf`: a llama/qwen2 GGUF file into an mlx-lm model directory."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import console, user_errors
+
+
+def convert_gguf(
+    gguf_file: Annotated[Path, typer.Argument(help="The .gguf file (llama or qwen2 architecture).")],
+    out: Annotated[Path, typer.Option(help="Output mlx-lm model directory.")],
+    dtype: Annotated[str, typer.Option(help="float32 (CPU), float16 or bfloat16.")] = "float32",
+):
+    """Convert a GGUF model (F32/F16/BF16/Q8_0/Q4_0/Q4_1/K-quants) to an mlx-lm directory."""
+    from mlx_tokenrl.gguf_import import convert_gguf as convert
+
+    with user_errors():
+        if not gguf_file.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
+        convert(gguf_file, out, dtype=dtype)
+        console.print(f"wrote {out} (use --model {out})")

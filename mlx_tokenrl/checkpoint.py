@@ -1,0 +1,85 @@
+"""Crash-safe checkpoints: a kill at any moment leaves the last complete one loadable.
+
+Layout of a run directory:
+    adapters.safetensors, adapter_config.json   the latest adapter, in mlx-lm's format
+    checkpoints/step-000010/                    adapter + optimizer state + state.json
+    checkpoints/latest                          name of the newest complete checkpoint
+Each checkpoint is written into a temporary directory and renamed into place, and only
+then is `latest` replaced (itself atomically), so readers never see a partial one.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+KEEP = 2  # complete checkpoints kept on disk
+
+
+def adapter_weights(model) -> dict:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(path: Path, arrays: dict):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".safetensors")
+    os.close(fd)
+    mx.save_safetensors(tmp, arrays)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir, step: int, model, optimizer, state: dict):
+    run_dir = Path(run_dir)
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    weights = adapter_weights(model)
+    mx.save_safetensors(str(tmp / "adapters.safetensors"), weights)
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    final = root / name
+    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_bytes(root / "latest", name.encode())
+    atomic_save_safetensors(run_dir / "adapters.safetensors", weights)
+    _prune(root, keep=name)
+    return final
+
+
+def _prune(root: Path, keep: str):
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in complete[:-KEEP]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # temp dirs left by a kill mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore adapter weights and optimizer state; returns the saved state dict."""
+    model.load_weights(list(mx.load(str(path / "adapters.safetensors")).items()), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return json.loads((path / "state.json").read_text())

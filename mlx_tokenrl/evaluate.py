@@ -1,0 +1,60 @@
+"""Greedy, batched held-out accuracy (and how often the `####` format was kept)."""
+
+import json
+import math
+from pathlib import Path
+
+from .rewards import extract_answer
+from .rollout import SamplingParams, encode_prompts, rollout
+from .tasks import format_prompt
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96):
+    """95% interval for a proportion; sane at 0% and 100% unlike the normal approximation."""
+    if total == 0:
+        return 0.0, 0.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def evaluate(model, tokenizer, task, examples, max_new_tokens: int = 256,
+             batch_size: int = 32, on_progress=None):
+    """Score `examples` greedily; returns (summary dict, per-example records)."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    records = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        prompts = [format_prompt(tokenizer, ex.question, task.instruction) for ex in chunk]
+        completions = rollout(model, tokenizer, encode_prompts(tokenizer, prompts), 1, params,
+                              seeds=[0] * len(chunk), answers=[ex.answer for ex in chunk],
+                              reward_fn=task.reward)
+        for ex, prompt, c in zip(chunk, prompts, completions):
+            extracted, formatted = extract_answer(c.text)
+            records.append({"question": ex.question, "prompt": prompt, "completion": c.text,
+                            "extracted": extracted, "answer": ex.answer,
+                            "correct": c.reward >= 1.0, "formatted": formatted,
+                            "truncated": c.truncated, "tokens": len(c.tokens)})
+        if on_progress:
+            on_progress(len(records), len(examples))
+    return summarize(records), records
+
+
+def summarize(records):
+    n = len(records)
+    correct = sum(r["correct"] for r in records)
+    low, high = wilson_interval(correct, n)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+            "ci95": [low, high],
+            "format_rate": sum(r["formatted"] for r in records) / n if n else 0.0,
+            "mean_tokens": sum(r["tokens"] for r in records) / n if n else 0.0}
+
+
+def write_eval(out_dir, summary, records):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "examples.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,133 @@
+import json
+
+import mlx.core as mx
+from mlx.utils import tree_map
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mlx_tokenrl import trainer
+from mlx_tokenrl.trainer import TrainConfig, train
+from tokenrl_cli.main import app
+
+DENSE_REWARD = '''
+def digits(text, answer):
+    """Dense reward: the share of characters that are digits."""
+    return sum(ch.isdigit() for ch in text) / max(len(text), 1)
+'''
+
+
+@pytest.fixture(scope="module")
+def dense_task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense")
+    (root / "reward.py").write_text(DENSE_REWARD)
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"what is {i} times {i % 7}?", "answer": "1"}) + "\n")
+    return {"task": "jsonl", "data": str(root / "data.jsonl"),
+            "reward_fn": f"{root / 'reward.py'}:digits"}
+
+
+def config(model_dir, dense_task, out, **kw):
+    base = dict(model=str(model_dir), out=str(out), prompts_per_step=4, group_size=8,
+                max_new_tokens=16, temperature=1.0, lr=3e-3, warmup_steps=0, sgrpo_alpha=4,
+                sgrpo_k=8, save_every=5, **dense_task)
+    return TrainConfig(**{**base, **kw})
+
+
+def rewards(run_dir):
+    return [json.loads(line)["reward_mean"] for line in open(run_dir / "metrics.jsonl")]
+
+
+# T-SPMO's signal is sparser (only branch points: here mostly the first token, plus the
+# replayed cuts), so it gets a larger step size and more steps to show the same rise.
+@pytest.mark.parametrize("algo, steps, lr", [("grpo", 30, 3e-3), ("s-grpo", 30, 3e-3),
+                                             ("t-spmo", 40, 1e-2)])
+def test_each_algorithm_learns_a_dense_reward(tiny_model_dir, dense_task, tmp_path, algo, steps, lr):
+    run = train(config(tiny_model_dir, dense_task, tmp_path / algo, algo=algo, steps=steps, lr=lr))
+    curve = rewards(run)
+    assert len(curve) == steps
+    first, last = np.mean(curve[:5]), np.mean(curve[-5:])
+    assert last > first + 0.2, (algo, curve)
+
+
+def adapters(run_dir):
+    return mx.load(str(run_dir / "adapters.safetensors"))
+
+
+def test_resume_continues_exactly(tiny_model_dir, dense_task, tmp_path):
+    straight = train(config(tiny_model_dir, dense_task, tmp_path / "a", steps=6, save_every=3,
+                            algo="t-spmo"))
+    interrupted = config(tiny_model_dir, dense_task, tmp_path / "b", steps=6, save_every=5,
+                         algo="t-spmo")
+
+    def ctrl_c_at_step_3(metrics):
+        if metrics["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, on_step=ctrl_c_at_step_3)
+    assert (tmp_path / "b" / "checkpoints" / "step-000003").is_dir()  # Ctrl-C saved
+    train(interrupted, resume=True)
+    a, b = adapters(straight), adapters(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]))
+    assert rewards(straight) == rewards(tmp_path / "b")
+    assert any(float(mx.abs(v).max()) > 0 for k, v in a.items() if k.endswith("lora_b"))
+
+
+def test_non_finite_gradients_never_reach_the_adapter(tiny_model_dir, dense_task, tmp_path,
+                                                      monkeypatch):
+    real = trainer.loss_and_grads
+
+    def poisoned(*args):
+        loss, grads = real(*args)
+        return loss, tree_map(lambda g: g * float("nan"), grads)
+
+    monkeypatch.setattr(trainer, "loss_and_grads", poisoned)
+    run = train(config(tiny_model_dir, dense_task, tmp_path / "nan", steps=3, save_every=3,
+                       algo="grpo"))
+    metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert all(m["skipped"] for m in metrics if m["selected_tokens"] > 0)
+    assert any(m["selected_tokens"] > 0 for m in metrics)
+    for k, v in adapters(run).items():
+        assert bool(mx.isfinite(v).all())
+        if k.endswith("lora_b"):
+            assert float(mx.abs(v).max()) == 0.0  # untouched since initialisation
+
+
+def test_cli_train_then_eval(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("task: multiply\ndigits: 1x1\nsteps: 2\ngroup-size: 4\nprompts_per_step: 2\n"
+                   "max_new_tokens: 8\n")
+    result = runner.invoke(app, ["train", "--config", str(cfg), "--model", str(tiny_model_dir),
+                                 "--out", str(out), "--steps", "3", "--algo", "s-grpo"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["steps"] == 3 and saved["group_size"] == 4 and saved["algo"] == "s-grpo"
+    assert (out / "adapters.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    result = runner.invoke(app, ["eval", "multiply", "--digits", "1x1", "--model", str(tiny_model_dir),
+                                 "--adapter", str(out), "--limit", "5", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and "format rate" in result.output
+    summary = json.loads((out / "eval-multiply-test" / "summary.json").read_text())
+    assert summary["n"] == 5
+    lines = (out / "eval-multiply-test" / "examples.jsonl").read_text().splitlines()
+    assert set(json.loads(lines[0])) >= {"prompt", "completion", "extracted", "answer", "correct"}
+
+
+def test_cli_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "multiply", "--model", str(tmp_path / "nope"),
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "no such mlx-lm model directory" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["train", "multiply", "--algo", "ppo", "--model", str(tiny_model_dir)])
+    assert result.exit_code == 1 and "unknown algo" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "answer": "1"}\n{not json\n')
+    result = runner.invoke(app, ["eval", "jsonl", "--data", str(bad), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 1 and "line 2" in result.output
