@@ -4,7 +4,7 @@ import typer
 
 from mlx_tokenrl import backend  # noqa: F401  (fast BLAS before any mlx import)
 
-from . import convert, train, use
+from . import compare, convert, train, use
 
 app = typer.Typer(
     name="tokenrl-mlx",
@@ -16,6 +16,7 @@ app = typer.Typer(
 
 app.command("train")(train.train)
 app.command("eval")(train.evaluate)
+app.command("compare")(compare.compare)
 app.command("convert-gguf")(convert.convert_gguf)
 app.command("fuse")(use.fuse)
 app.command("chat")(use.chat)

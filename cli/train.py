@@ -60,12 +60,18 @@ HELP = {
 CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": str}
 
 
-def _train_parameters():
+def option_parameter(name, annotation, default=None):
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                             annotation=annotation, default=default)
+
+
+def config_parameters(extra):
+    """The task argument, one option per TrainConfig field, --config, then `extra`."""
     params = [inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
         Optional[str], typer.Argument(help="svamp, gsm8k, multiply or jsonl.", show_default=False)],
         default=None)]
     for f in fields(TrainConfig):
-        if f.name not in HELP:
+        if f.name == "task":
             continue
         panel, text = HELP[f.name]
         default = f.default if f.default is not MISSING else None
@@ -74,16 +80,10 @@ def _train_parameters():
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
         option = typer.Option(*decls, help=f"{text} (default: {default})", rich_help_panel=panel,
                               show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                        annotation=Annotated[Optional[kind], option], default=None))
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-        Optional[Path], typer.Option(help="YAML file with the same keys as the flags.",
-                                     rich_help_panel="Bookkeeping")], default=None))
-    params.append(inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
-        Optional[Path], typer.Option(help="Continue the run in this directory from its last "
-                                          "checkpoint (its saved config; --steps may extend it).",
-                                     rich_help_panel="Bookkeeping")], default=None))
-    return params
+        params.append(option_parameter(f.name, Annotated[Optional[kind], option]))
+    params.append(option_parameter("config", Annotated[Optional[Path], typer.Option(
+        help="YAML file with the same keys as the flags.", rich_help_panel="Bookkeeping")]))
+    return params + extra
 
 
 def resolve_config(cli_values: dict, config_file: Path | None) -> TrainConfig:
@@ -126,19 +126,27 @@ def progress_line(m: dict) -> str:
     return " | ".join(parts)
 
 
+def new_config(kwargs) -> TrainConfig:
+    config_file = kwargs.pop("config")
+    if kwargs.get("task") is None and config_file is None:
+        raise UserError("name a task (svamp, gsm8k, multiply, jsonl) or pass --config")
+    return resolve_config(kwargs, config_file)
+
+
+def step_progress():
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+
+
 def train(**kwargs):
     """Train a LoRA adapter with GRPO, S-GRPO or T-SPMO."""
-    config_file, resume = kwargs.pop("config"), kwargs.pop("resume")
+    resume = kwargs.pop("resume")
     with user_errors():
         if resume is not None:
             cfg = resumed_config(resume, kwargs)
         else:
-            if kwargs.get("task") is None and config_file is None:
-                raise UserError("name a task (svamp, gsm8k, multiply, jsonl) or pass --config")
-            cfg = resolve_config(kwargs, config_file)
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                            console=console)
+            cfg = new_config(kwargs)
+        progress = step_progress()
         bar = progress.add_task(f"{cfg.algo} on {cfg.task}", total=cfg.steps, info="starting")
         with progress:
             try:
@@ -155,7 +163,10 @@ def train(**kwargs):
         console.print(f"adapter written to {cfg.out} (use --adapter {cfg.out})")
 
 
-train.__signature__ = inspect.Signature(_train_parameters())
+train.__signature__ = inspect.Signature(config_parameters([option_parameter(
+    "resume", Annotated[Optional[Path], typer.Option(
+        help="Continue the run in this directory from its last checkpoint (its saved config; "
+             "--steps may extend it).", rich_help_panel="Bookkeeping")])]))
 
 
 def evaluate(

@@ -6,7 +6,7 @@ over selected tokens s, with normalisation weights w_s from `normalisation_weigh
 transformer runs only up to each row's last selected position (rows are cropped), and the
 LM head + log-softmax are applied to the selected positions' hidden states only, so an
 S-GRPO / T-SPMO step never materialises full-vocabulary logits for every position.
-Shapes are bucketed (width to a multiple of 32, selections to a power of two, a fixed
+Shapes are bucketed (width to a multiple of 16, selections to a power of two, a fixed
 number of rows per microbatch) so the compiled step is reused across steps.
 """
 
@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-WIDTH_BUCKET = 32
+WIDTH_BUCKET = 16
 MIN_SELECTIONS = 32
 
 

@@ -247,8 +247,9 @@ def _draw_distinct(rng: random.Random, n: int, k: int, taken: set[int]) -> list[
 def _split_sizes(n_pairs: int, train_size: int, test_size: int) -> tuple[int, int]:
     if train_size + test_size <= n_pairs:
         return train_size, test_size
-    # Not enough distinct pairs: keep the requested train/test proportion, never overlap.
-    n_test = min(test_size, max(1, round(n_pairs * test_size / (train_size + test_size)))) if test_size else 0
+    # Not enough distinct pairs: a held-out quarter (a test set big enough to measure on),
+    # the rest for training, never overlapping.
+    n_test = min(test_size, max(1, n_pairs // 4)) if test_size else 0
     return min(train_size, n_pairs - n_test), n_test
 
 

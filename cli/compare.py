@@ -1,0 +1,75 @@
+"""`compare`: base vs GRPO vs S-GRPO vs T-SPMO on one task, one table."""
+
+import inspect
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mlx_tokenrl.compare import run_compare
+from mlx_tokenrl.trainer import ALGOS
+
+from .common import UserError, console, user_errors
+from .train import config_parameters, new_config, option_parameter, progress_line, step_progress
+
+
+def print_table(rows):
+    table = Table(title="held-out accuracy (greedy)")
+    for col in ("arm", "accuracy (95% CI)", "vs base", "format", "steps", "loss tokens/step",
+                "step s", "peak GB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        low, high = r["ci95"]
+        delta = "" if r["delta_vs_base"] is None else f"{r['delta_vs_base'] * 100:+.1f} pts"
+        trained = "step_seconds" in r
+        table.add_row(r["arm"], f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%})", delta,
+                      f"{r['format_rate']:.0%}", str(r["steps"]),
+                      f"{r['selected_tokens_per_step']:.0f}" if trained else "",
+                      f"{r['step_seconds']:.1f}" if trained else "",
+                      f"{r['peak_memory_gb']:.2f}" if trained else "")
+    console.print(table)
+
+
+def compare(**kwargs):
+    """Train each algorithm from the same start and compare held-out accuracy with the base model."""
+    algos = [a.strip() for a in kwargs.pop("algos").split(",") if a.strip()]
+    resume = kwargs.pop("resume")
+    with user_errors():
+        unknown = [a for a in algos if a not in ALGOS]
+        if unknown or not algos:
+            raise UserError(f"--algos takes a comma-separated subset of {', '.join(ALGOS)}")
+        kwargs["out"] = kwargs.get("out") or "runs/compare"
+        cfg = new_config(kwargs)
+        progress = step_progress()
+        bars = {}
+
+        def on_arm(name, arm_cfg):
+            console.print(f"[bold]arm {name}[/]: " + ("evaluating base model" if arm_cfg is None
+                          else f"training {arm_cfg.steps} steps into {arm_cfg.out}"))
+            if arm_cfg is not None:
+                bars[name] = progress.add_task(name, total=arm_cfg.steps, info="starting")
+            bars["current"] = bars.get(name)
+
+        def on_step(m):
+            progress.update(bars["current"], completed=m["step"], info=progress_line(m))
+
+        with progress:
+            try:
+                rows = run_compare(cfg, algos, resume=resume, on_arm=on_arm, on_step=on_step)
+            except KeyboardInterrupt:
+                console.print(f"interrupted: continue with the same command plus --resume")
+                raise typer.Exit(130)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        print_table(rows)
+        console.print(f"wrote {cfg.out}/compare.json, compare.md and compare.png")
+
+
+compare.__signature__ = inspect.Signature(config_parameters([
+    option_parameter("algos", Annotated[str, typer.Option(
+        help="Comma-separated algorithms to compare.", rich_help_panel="Compare")],
+        ",".join(ALGOS)),
+    option_parameter("resume", Annotated[bool, typer.Option(
+        help="Skip finished arms and continue an unfinished one from its checkpoint.",
+        rich_help_panel="Compare")], False),
+]))
