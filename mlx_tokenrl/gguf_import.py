@@ -117,7 +117,11 @@ def _f32(x: float) -> float:
 
 def _open_reader(path: Path):
     """gguf-py reader (memory-mapped): tensor types, and the fallback metadata/data source."""
-    from gguf import GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise GGUFError("reading GGUF files needs the gguf package: "
+                        "pip install 'mlx-tokenrl[gguf]'") from None
 
     return GGUFReader(str(path))
 

@@ -1,7 +1,7 @@
 import json
 
 import mlx.core as mx
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -119,8 +119,12 @@ def test_cli_train_then_eval(tiny_model_dir, tmp_path):
     assert set(json.loads(lines[0])) >= {"prompt", "completion", "extracted", "answer", "correct"}
 
 
-def test_cli_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path):
+def test_cli_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path, monkeypatch):
     runner = CliRunner()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id that cannot be fetched
+    result = runner.invoke(app, ["eval", "multiply", "--model", "nobody/no-such-model"])
+    assert result.exit_code == 1 and "could not load model 'nobody/no-such-model'" in result.output
+    assert "local mlx-lm directory" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["train", "multiply", "--model", str(tmp_path / "nope"),
                                  "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "no such mlx-lm model directory" in result.output
@@ -131,3 +135,19 @@ def test_cli_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path):
     bad.write_text('{"prompt": "x", "answer": "1"}\n{not json\n')
     result = runner.invoke(app, ["eval", "jsonl", "--data", str(bad), "--model", str(tiny_model_dir)])
     assert result.exit_code == 1 and "line 2" in result.output
+
+
+def test_adapter_loads_in_mlx_lm_and_options_run(tiny_model_dir, dense_task, tmp_path):
+    """QLoRA, gradient checkpointing, token norm, KL and no-compile all train and save an
+    adapter that mlx-lm itself loads."""
+    import mlx_lm
+
+    run = train(config(tiny_model_dir, dense_task, tmp_path / "opts", steps=2, algo="grpo",
+                       quantize=8, grad_checkpoint=True, loss_norm="token", beta=0.1,
+                       compile=False, lora_layers=1, lora_keys=["self_attn.q_proj"]))
+    model, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(run))
+    names = [k for k, _ in tree_flatten(model.parameters())
+             if "lora_a" in k]
+    assert names == ["model.layers.1.self_attn.q_proj.lora_a"]
+    metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
