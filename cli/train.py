@@ -4,6 +4,7 @@
 file and the library share one list of settings (precedence: CLI > --config file > defaults).
 """
 
+import contextlib
 import inspect
 import json
 from dataclasses import MISSING, fields
@@ -14,6 +15,7 @@ import typer
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from mlx_tokenrl.distributed import launched_rank
 from mlx_tokenrl.trainer import TrainConfig, config_from_dict, train as run_training
 
 from .common import UserError, console, user_errors
@@ -106,6 +108,9 @@ def resolve_config(cli_values: dict, config_file: Path | None) -> TrainConfig:
 
 def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
     saved = run_dir / "config.json"
+    if not saved.is_file() and (launched_rank() or 0) > 0:
+        # Another host of a multi-host run: rank 0 sends its saved config and checkpoint.
+        return config_from_dict({"out": str(run_dir)})
     if not saved.is_file():
         raise UserError(f"--resume {run_dir}: no config.json there (not a run directory)")
     values = json.loads(saved.read_text())
@@ -146,21 +151,25 @@ def train(**kwargs):
             cfg = resumed_config(resume, kwargs)
         else:
             cfg = new_config(kwargs)
-        progress = step_progress()
-        bar = progress.add_task(f"{cfg.algo} on {cfg.task}", total=cfg.steps, info="starting")
+        main = (launched_rank() or 0) == 0  # with several ranks, rank 0 alone reports
+        progress = step_progress() if main else contextlib.nullcontext()
+        bar = progress.add_task(f"{cfg.algo} on {cfg.task}", total=cfg.steps,
+                                info="starting") if main else None
         with progress:
             try:
                 run_training(cfg, resume=resume is not None,
-                             on_start=lambda start: progress.update(bar, completed=start),
+                             on_start=lambda start: main and progress.update(bar, completed=start),
                              on_step=lambda m: progress.update(bar, completed=m["step"],
                                                                info=progress_line(m)))
             except KeyboardInterrupt:
-                console.print(f"interrupted: checkpoint saved; continue with "
-                              f"tokenrl-mlx train --resume {cfg.out}")
+                if main:
+                    console.print(f"interrupted: checkpoint saved; continue with "
+                                  f"tokenrl-mlx train --resume {cfg.out}")
                 raise typer.Exit(130)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
-        console.print(f"adapter written to {cfg.out} (use --adapter {cfg.out})")
+        if main:
+            console.print(f"adapter written to {cfg.out} (use --adapter {cfg.out})")
 
 
 train.__signature__ = inspect.Signature(config_parameters([option_parameter(

@@ -5,19 +5,33 @@ Layout of a run directory:
     checkpoints/step-000010/                    adapter + optimizer state + state.json
     checkpoints/latest                          name of the newest complete checkpoint
 Each checkpoint is written into a temporary directory and renamed into place, and only
-then is `latest` replaced (itself atomically), so readers never see a partial one.
+then is `latest` replaced (itself atomically), so readers never see a partial one. If the
+pointer is ever stale (a kill between two of those renames), `latest_checkpoint` falls back
+to the newest complete checkpoint directory. With several ranks only rank 0 saves (and
+loads: the others receive its state).
 """
 
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 KEEP = 2  # complete checkpoints kept on disk
+FILES = ("adapters.safetensors", "optimizer.safetensors", "state.json")
+PAUSE_ENV = "TOKENRL_CHECKPOINT_PAUSE"
+
+
+def _fault_drill_pause():
+    """Fault injection for scripts/fault_drill.py: with TOKENRL_CHECKPOINT_PAUSE=seconds,
+    every phase of a save lasts that long, so a kill -9 can land inside each of them."""
+    seconds = os.environ.get(PAUSE_ENV)
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def adapter_weights(model) -> dict:
@@ -48,13 +62,18 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict):
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
     weights = adapter_weights(model)
     mx.save_safetensors(str(tmp / "adapters.safetensors"), weights)
+    _fault_drill_pause()
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    _fault_drill_pause()
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    _fault_drill_pause()
     final = root / name
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a save)
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fault_drill_pause()
     atomic_write_bytes(root / "latest", name.encode())
+    _fault_drill_pause()
     atomic_save_safetensors(run_dir / "adapters.safetensors", weights)
     _prune(root, keep=name)
     return final
@@ -69,12 +88,22 @@ def _prune(root: Path, keep: str):
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def is_complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in FILES)
+
+
 def latest_checkpoint(run_dir) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    """The checkpoint `latest` names; if that one is missing or incomplete, the newest
+    complete `step-*` directory; None when there is none."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if pointer.read_text().strip() and is_complete(path):
+            return path
+    complete = sorted((p for p in root.glob("step-*") if p.is_dir() and is_complete(p)),
+                      reverse=True)
+    return complete[0] if complete else None
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:

@@ -42,13 +42,18 @@ def evaluate(model, tokenizer, task, examples, max_new_tokens: int = 256,
 
 
 def summarize(records):
-    n = len(records)
-    correct = sum(r["correct"] for r in records)
+    return summary_from_counts(len(records), sum(r["correct"] for r in records),
+                               sum(r["formatted"] for r in records),
+                               sum(r["tokens"] for r in records))
+
+
+def summary_from_counts(n: int, correct: int, formatted: int, tokens: int):
+    """The summary from counts (also how ranks combine the shards they each scored)."""
     low, high = wilson_interval(correct, n)
     return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
             "ci95": [low, high],
-            "format_rate": sum(r["formatted"] for r in records) / n if n else 0.0,
-            "mean_tokens": sum(r["tokens"] for r in records) / n if n else 0.0}
+            "format_rate": formatted / n if n else 0.0,
+            "mean_tokens": tokens / n if n else 0.0}
 
 
 def write_eval(out_dir, summary, records):
