@@ -10,7 +10,7 @@ from mlx_tokenrl.compare import run_compare
 from mlx_tokenrl.trainer import ALGOS
 
 from .common import UserError, console, user_errors
-from .train import config_parameters, new_config, option_parameter, progress_line, step_progress
+from .train import config_parameters, new_config, option_parameter, report_step, step_progress
 
 
 def print_table(rows):
@@ -51,13 +51,13 @@ def compare(**kwargs):
             bars["current"] = bars.get(name)
 
         def on_step(m):
-            progress.update(bars["current"], completed=m["step"], info=progress_line(m))
+            report_step(progress, bars["current"], m)
 
         with progress:
             try:
                 rows = run_compare(cfg, algos, resume=resume, on_arm=on_arm, on_step=on_step)
             except KeyboardInterrupt:
-                console.print(f"interrupted: continue with the same command plus --resume")
+                console.print("interrupted: continue with the same command plus --resume")
                 raise typer.Exit(130)
             except ValueError as exc:
                 raise UserError(str(exc)) from None

@@ -143,6 +143,12 @@ def step_progress():
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
 
 
+def report_step(progress, bar, metrics):
+    progress.update(bar, completed=metrics["step"], info=progress_line(metrics))
+    if not console.is_terminal:  # a log file gets no live bar: one plain line per step
+        console.print(f"step {metrics['step']}: {progress_line(metrics)}", highlight=False)
+
+
 def train(**kwargs):
     """Train a LoRA adapter with GRPO, S-GRPO or T-SPMO."""
     resume = kwargs.pop("resume")
@@ -159,8 +165,7 @@ def train(**kwargs):
             try:
                 run_training(cfg, resume=resume is not None,
                              on_start=lambda start: main and progress.update(bar, completed=start),
-                             on_step=lambda m: progress.update(bar, completed=m["step"],
-                                                               info=progress_line(m)))
+                             on_step=lambda m: report_step(progress, bar, m))
             except KeyboardInterrupt:
                 if main:
                     console.print(f"interrupted: checkpoint saved; continue with "

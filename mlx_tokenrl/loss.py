@@ -64,11 +64,16 @@ def _pow2(n: int) -> int:
 
 def make_microbatches(loss_rows, triples, weights, rows_per_batch: int):
     """Group the selected tokens by row into fixed-size microbatches of cropped rows."""
-    by_row = {}
+    by_row, home_of = {}, {}
     for (row, pos, adv), weight in zip(triples, weights):
-        by_row.setdefault(row, []).append((pos, adv, weight))
+        ctx, comp = loss_rows[row].context, loss_rows[row].completion
+        # Rows with the same context and completion prefix have the same hidden state at
+        # `pos`: read every such token from the first of them. A group's branch points (all
+        # of T-SPMO's pairs after one prefix) then cost one forward row, not one per branch.
+        home = home_of.setdefault((tuple(ctx), tuple(comp[:pos])), row)
+        by_row.setdefault(home, []).append((pos, comp[pos], adv, weight))
     # Longest crops together, so padding inside a microbatch stays small.
-    order = sorted(by_row, key=lambda r: -(len(loss_rows[r].context) + max(p for p, _, _ in by_row[r])))
+    order = sorted(by_row, key=lambda r: -(len(loss_rows[r].context) + max(s[0] for s in by_row[r])))
     batches = []
     for start in range(0, len(order), rows_per_batch):
         chunk = order[start:start + rows_per_batch]
@@ -77,10 +82,10 @@ def make_microbatches(loss_rows, triples, weights, rows_per_batch: int):
             ctx, comp = loss_rows[row].context, loss_rows[row].completion
             if not ctx:
                 raise ValueError("a loss row needs at least one context token")
-            last = max(p for p, _, _ in by_row[row])
-            # The hidden state at input position len(ctx)+pos-1 predicts completion[pos].
+            last = max(s[0] for s in by_row[row])
+            # The hidden state at input position len(ctx)+pos-1 predicts the token at pos.
             sequences.append(ctx + comp[:last])
-            sel += [(slot, len(ctx) + pos - 1, comp[pos], adv, w) for pos, adv, w in by_row[row]]
+            sel += [(slot, len(ctx) + pos - 1, target, adv, w) for pos, target, adv, w in by_row[row]]
         width = _round_up(max(len(s) for s in sequences), WIDTH_BUCKET)
         slots = min(rows_per_batch, 1 << (len(chunk) - 1).bit_length())
         inputs = np.zeros((slots, width), dtype=np.int32)

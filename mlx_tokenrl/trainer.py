@@ -11,7 +11,6 @@ it, and a run can be resumed with a different number of ranks. Rank 0 alone writ
 directory. Collectives and failure handling: `distributed.py`.
 """
 
-import hashlib
 import json
 import math
 import time
@@ -21,11 +20,11 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.tuner.utils import build_schedule
 
-from .checkpoint import (adapter_weights, atomic_write_bytes, latest_checkpoint, load_checkpoint,
+from .checkpoint import (atomic_write_bytes, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .distributed import World, as_world, init_world, start_timeout
 from .evaluate import evaluate, summary_from_counts
@@ -33,6 +32,7 @@ from .loss import LossRow, attach_ref_logprobs, make_loss_and_grad, make_microba
 from .models import DEFAULT_MODEL, add_lora, load_model, lora_config, save_adapter_config
 from .rollout import SamplingParams, encode_prompts, rollout
 from .selection import grpo_selection, has_signal, sgrpo_selection, tspmo_selection
+from .sync import broadcast_training_state, check_configs_agree, check_inputs_agree, ensure_ranks_agree
 from .tasks import format_prompt, load_task
 
 ALGOS = ("grpo", "s-grpo", "t-spmo")
@@ -284,86 +284,6 @@ def apply_update(model, optimizer, grads, clip: float):
     optimizer.update(model, clipped)
     mx.eval(model.trainable_parameters(), optimizer.state)
     return norm, False
-
-
-# ---- keeping ranks in agreement -------------------------------------------------------
-
-def model_fingerprint(model) -> bytes:
-    """Cheap identity of the base weights (not the adapter): names, shapes and the first
-    values of each."""
-    h = hashlib.sha256()
-    adapter = set(adapter_weights(model))
-    for name, value in tree_flatten(model.parameters()):
-        if name in adapter:
-            continue
-        h.update(f"{name}{value.shape}{value.dtype}".encode())
-        h.update(np.array(value.reshape(-1)[:64].astype(mx.float32)).tobytes())
-    return h.digest()
-
-
-def task_fingerprint(task) -> bytes:
-    h = hashlib.sha256()
-    for split in (task.train, task.test):
-        h.update(str(len(split)).encode())
-        for ex in split:
-            h.update(f"{ex.question}\x00{ex.answer}\x01".encode())
-    return h.digest()
-
-
-def check_configs_agree(cfg: TrainConfig, world: World):
-    """Every rank must run the same configuration (a different YAML or version on a host)."""
-    mine = json.dumps(asdict(cfg), sort_keys=True).encode()
-    digests = world.digests(mine, "the configuration check")
-    if len(set(digests)) == 1:
-        return
-    configs = [json.loads(c) for c in world.gather_bytes(mine, "the configuration check")]
-    differ = []
-    for key in sorted(configs[0]):
-        values = [c.get(key) for c in configs]
-        if any(v != values[0] for v in values):
-            differ.append(f"{key} (" + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)) + ")")
-    raise ValueError("the ranks were started with different configurations: " + "; ".join(differ))
-
-
-def check_inputs_agree(model, task, world: World, timeout: float):
-    """After loading (the start barrier): same base weights and same data on every rank."""
-    ours = model_fingerprint(model) + task_fingerprint(task)
-    digests = world.digests(ours, "the start barrier (ranks loading the model)", timeout)
-    bad = [r for r, d in enumerate(digests) if d != digests[0]]
-    if bad:
-        raise ValueError(f"rank(s) {', '.join(map(str, bad))} loaded a different base model or "
-                         f"dataset than rank 0: every host needs the same model and data files")
-
-
-def broadcast_training_state(model, optimizer, world: World, with_optimizer: bool):
-    """Give every rank rank 0's adapter (and optimizer state): identical from the start."""
-    weights = world.broadcast_arrays(adapter_weights(model) if world.is_main else None,
-                                     "the adapter broadcast")
-    model.load_weights(list(weights.items()), strict=False)
-    if with_optimizer:
-        state = dict(tree_flatten(optimizer.state)) if world.is_main else None
-        optimizer.state = tree_unflatten(list(world.broadcast_arrays(
-            state, "the optimizer-state broadcast").items()))
-    mx.eval(model.parameters(), optimizer.state)
-
-
-def adapter_digest(model) -> bytes:
-    h = hashlib.sha256()
-    for name, value in sorted(adapter_weights(model).items()):
-        h.update(name.encode())
-        h.update(np.array(value).tobytes())
-    return h.digest()
-
-
-def ensure_ranks_agree(model, optimizer, world: World) -> bool:
-    """Bitwise comparison of the adapters; re-sync from rank 0 if they ever drifted."""
-    if world.size() == 1:
-        return True
-    digests = world.digests(adapter_digest(model), "the adapter check")
-    if len(set(digests)) == 1:
-        return True
-    broadcast_training_state(model, optimizer, world, with_optimizer=True)
-    return False
 
 
 # ---- the run --------------------------------------------------------------------------

@@ -83,3 +83,19 @@ def test_selective_loss_matches_full_logits_reference(lora_model, norm, compiled
     for k in flat:
         np.testing.assert_allclose(np.array(flat[k]), np.array(ref_flat[k]), atol=1e-5, rtol=1e-4)
     assert max(float(mx.abs(g).max()) for g in flat.values()) > 1e-4  # gradients are not all zero
+
+
+def test_shared_prefixes_share_a_forward_row(lora_model):
+    """Branches after a common prefix are read from one row: fewer rows, same loss and grads."""
+    ctx = [5, 6, 7]
+    rows = [LossRow(ctx, [10, 11, 12]), LossRow(ctx, [10, 13]), LossRow(ctx, [14, 15])]
+    triples = [(0, 0, 0.5), (2, 0, -0.5), (0, 1, 0.3), (1, 1, -0.3), (2, 1, 0.2)]
+    weights = normalisation_weights(triples, "sequence", num_completions=3, num_selected=5)
+    batches = make_microbatches(rows, triples, weights, rows_per_batch=8)
+    assert len(batches) == 1 and batches[0].inputs.shape[0] == 2  # rows 0 and 2 only
+    loss, grads = summed_loss_and_grads(lora_model, batches)
+    ref_loss, ref_grads = nn.value_and_grad(
+        lora_model, lambda: naive_loss(lora_model, rows, triples, weights))()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    for (k, g), (_, r) in zip(tree_flatten(grads), tree_flatten(ref_grads)):
+        np.testing.assert_allclose(np.array(g), np.array(r), atol=1e-5, rtol=1e-4)
