@@ -126,12 +126,12 @@ def plot(out: Path, arms):
     ax_acc.axhline(base, color="grey", linestyle="--", label="base")
     for arm in arms:
         metrics = read_metrics(out / arm)
-        evals = [(m["step"], m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m]
+        evals = [(0, base)] + [(m["step"], m["eval_accuracy"]) for m in metrics
+                               if "eval_accuracy" in m]
         final = json.loads((out / arm / "final_eval.json").read_text())["accuracy"]
         if metrics:
             evals.append((metrics[-1]["step"], final))
-        if evals:
-            ax_acc.plot(*zip(*evals), marker="o", label=arm)
+        ax_acc.plot(*zip(*evals), marker="o", label=arm)
         steps = [m["step"] for m in metrics]
         rewards = np.array([m["reward_mean"] for m in metrics])
         if len(rewards):
