@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -447,3 +448,27 @@ def _hostfile_summary() -> str:
         return "ring " + ", ".join(h[0] if isinstance(h, list) and h else str(h) for h in hosts)
     except (OSError, ValueError):
         return f"hostfile {path}"
+
+
+def free_ports(count=2):
+    """A base port with `count` consecutive free loopback ports, for `mlx.launch
+    --starting-port` (rank r listens on base + r) in tests, the drill and benchmarks."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count > 65535:
+            continue
+        try:
+            socks = []
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free ports")

@@ -18,7 +18,6 @@ kept apart so the all-reduce column is the transfer itself.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from mlx_tokenrl.distributed import free_ports
 from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
 
 BIN = Path(sys.executable).parent
@@ -38,26 +38,6 @@ REWARD = ("import hashlib\n\ndef coin(text, answer):\n"
           "    return float(hashlib.sha256(text.encode()).digest()[0] % 2)\n")
 KEYS = ("rollout_s", "loss_s", "sync_s", "allreduce_s", "update_s", "step_s",
         "generated_tokens", "selected_tokens", "allreduce_bytes", "peak_memory_gb")
-
-
-def free_port(count=2):
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        socks = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def run(ranks, args, model, work: Path):
@@ -69,7 +49,7 @@ def run(ranks, args, model, work: Path):
            "--algo", args.algo, "--lora-rank", str(args.lora_rank), "--save-every", "1000"]
     if ranks > 1:
         cmd = [str(BIN / "mlx.launch"), "-n", str(ranks), "--backend", "ring",
-               "--starting-port", str(free_port(ranks)), *cmd]
+               "--starting-port", str(free_ports(ranks)), *cmd]
     else:
         cmd[0] = str(BIN / "tokenrl-mlx")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_tokenrl.checkpoint import latest_checkpoint
+from mlx_tokenrl.distributed import free_ports
 from mlx_tokenrl.toy import build_toy_model
 
 BIN = Path(sys.executable).parent
@@ -38,26 +38,6 @@ ALGOS = ("grpo", "s-grpo", "t-spmo")
 REWARD = "def digits(text, answer):\n    return sum(c.isdigit() for c in text) / max(len(text), 1)\n"
 PAUSE = 0.2  # seconds per checkpoint phase in checkpoint-kill runs (5 phases per save)
 HANG = 60.0  # a killed run whose other rank is still alive after this long is a hang
-
-
-def free_port(count=2):
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        socks = []
-        try:
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def env(**extra):
@@ -78,7 +58,7 @@ def start(args, ranks, log: Path, **extra):
     cmd = ["tokenrl-mlx", *args]
     if ranks > 1:
         cmd = [str(BIN / "mlx.launch"), "-n", str(ranks), "--backend", "ring",
-               "--starting-port", str(free_port(ranks)), *cmd]
+               "--starting-port", str(free_ports(ranks)), *cmd]
     else:
         cmd[0] = str(BIN / "tokenrl-mlx")
     out = open(log, "a")

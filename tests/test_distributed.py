@@ -7,7 +7,6 @@ The launched tests run `mlx.launch -n 2 --backend ring` on 127.0.0.1 (loopback o
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_tokenrl import trainer
-from mlx_tokenrl.distributed import World
+from mlx_tokenrl.distributed import World, free_ports
 from mlx_tokenrl.loss import make_loss_and_grad
 from mlx_tokenrl.models import add_lora, load_model, lora_config
 from mlx_tokenrl.rollout import Completion
@@ -111,29 +110,6 @@ def test_uneven_shards_and_a_batch_smaller_than_the_world():
 
 
 # ---- real launches on loopback --------------------------------------------------------
-
-def free_ports(count=2):
-    """A base port with `count` consecutive free ports (mlx.launch uses base, base+1, ...)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
