@@ -25,7 +25,6 @@ from mlx_tokenrl.rollout import Completion
 from mlx_tokenrl.trainer import TrainConfig
 
 BIN = Path(sys.executable).parent
-DENSE_REWARD = "def digits(text, answer):\n    return sum(c.isdigit() for c in text) / max(len(text), 1)\n"
 
 
 # ---- the update: 2 ranks == 1 process on the union ------------------------------------
@@ -112,13 +111,8 @@ def test_uneven_shards_and_a_batch_smaller_than_the_world():
 # ---- real launches on loopback --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    (root / "reward.py").write_text(DENSE_REWARD)
-    with open(root / "data.jsonl", "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"prompt": f"what is {i} times {i % 7}?", "answer": "1"}) + "\n")
-    return root
+def dense(dense_files):
+    return dense_files
 
 
 def train_args(model_dir, dense, out, steps, **extra):

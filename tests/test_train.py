@@ -10,22 +10,10 @@ from mlx_tokenrl import trainer
 from mlx_tokenrl.trainer import TrainConfig, train
 from tokenrl_cli.main import app
 
-DENSE_REWARD = '''
-def digits(text, answer):
-    """Dense reward: the share of characters that are digits."""
-    return sum(ch.isdigit() for ch in text) / max(len(text), 1)
-'''
-
-
 @pytest.fixture(scope="module")
-def dense_task(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dense")
-    (root / "reward.py").write_text(DENSE_REWARD)
-    with open(root / "data.jsonl", "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"prompt": f"what is {i} times {i % 7}?", "answer": "1"}) + "\n")
-    return {"task": "jsonl", "data": str(root / "data.jsonl"),
-            "reward_fn": f"{root / 'reward.py'}:digits"}
+def dense_task(dense_files):
+    return {"task": "jsonl", "data": str(dense_files / "data.jsonl"),
+            "reward_fn": f"{dense_files / 'reward.py'}:digits"}
 
 
 def config(model_dir, dense_task, out, **kw):
