@@ -16,7 +16,7 @@ from .train import config_parameters, new_config, option_parameter, report_step,
 def print_table(rows):
     table = Table(title="held-out accuracy (greedy)")
     for col in ("arm", "accuracy (95% CI)", "vs base", "format", "steps", "loss tokens/step",
-                "step s", "peak GB"):
+                "median step s", "peak GB"):
         table.add_column(col, justify="right")
     for r in rows:
         low, high = r["ci95"]

@@ -46,8 +46,10 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
         row.update(
             selected_tokens_per_step=float(np.mean([m["selected_tokens"] for m in metrics])),
             generated_tokens_per_step=float(np.mean([m["generated_tokens"] for m in metrics])),
-            step_seconds=float(np.mean([m["step_s"] for m in metrics])),
-            loss_seconds=float(np.mean([m["loss_s"] for m in metrics])),
+            # Medians: one step stalled by something else on the machine should not
+            # decide an arm's cost.
+            step_seconds=float(np.median([m["step_s"] for m in metrics])),
+            loss_seconds=float(np.median([m["loss_s"] for m in metrics])),
             peak_memory_gb=float(max(m["peak_memory_gb"] for m in metrics)),
             signal_fraction=float(np.mean([m["signal_fraction"] for m in metrics])))
     return row
@@ -90,7 +92,7 @@ def run_compare(cfg: TrainConfig, algos, resume: bool = False, on_arm=None, on_s
 def markdown_table(rows) -> str:
     lines = ["| arm | held-out accuracy (95% CI) | vs base | format rate | train steps | "
              "tokens in loss / step | tokens generated / step | groups with signal | "
-             "step s | loss+grad s | peak GB |",
+             "median step s | median loss+grad s | peak GB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         low, high = r["ci95"]
