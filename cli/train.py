@@ -40,6 +40,7 @@ HELP = {
     "loss_norm": ("Optimisation", "sequence: mean over completions of per-completion means (paper); token: mean over all selected tokens."),
     "beta": ("Optimisation", "KL penalty to the base model (LoRA off), k3 on selected tokens."),
     "scale_rewards": ("Optimisation", "group: divide advantages by the group's std; none: only centre them."),
+    "format_reward": ("Task", "Extra training reward for answering as '#### N' (accuracy is unchanged)."),
     "lora_rank": ("LoRA", "LoRA rank."),
     "lora_scale": ("LoRA", "LoRA scale (mlx-lm's 'scale')."),
     "lora_layers": ("LoRA", "Number of last transformer blocks with LoRA; -1 for all."),

@@ -14,7 +14,7 @@ directory. Collectives and failure handling: `distributed.py`.
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +30,7 @@ from .distributed import World, as_world, init_world, start_timeout
 from .evaluate import evaluate, summary_from_counts
 from .loss import LossRow, attach_ref_logprobs, make_loss_and_grad, make_microbatches, normalisation_weights
 from .models import DEFAULT_MODEL, add_lora, load_model, lora_config, save_adapter_config
+from .rewards import with_format_bonus
 from .rollout import SamplingParams, encode_prompts, rollout
 from .selection import grpo_selection, has_signal, sgrpo_selection, tspmo_selection
 from .sync import broadcast_training_state, check_configs_agree, check_inputs_agree, ensure_ranks_agree
@@ -63,6 +64,7 @@ class TrainConfig:
     loss_norm: str = "sequence"
     beta: float = 0.0
     scale_rewards: str = "group"
+    format_reward: float = 0.0
     # LoRA / model
     lora_rank: int = 8
     lora_scale: float = 20.0
@@ -315,6 +317,9 @@ def prepare_run(cfg: TrainConfig, resume: bool):
     check_batch_fits(cfg, world)
     task = load_task(cfg.task, data=cfg.data, digits=cfg.digits, seed=cfg.seed,
                      reward_fn=cfg.reward_fn)
+    if cfg.format_reward:
+        # Accuracy still counts only full rewards (>= 1), so the bonus alone never scores.
+        task = replace(task, reward=with_format_bonus(task.reward, cfg.format_reward))
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, quantize_bits=cfg.quantize)
     lcfg = lora_config(cfg.lora_rank, cfg.lora_scale, cfg.lora_layers, cfg.lora_keys)
     mx.random.seed(cfg.seed)  # LoRA A's random init: same seed, same starting adapter

@@ -181,3 +181,13 @@ def test_load_reward_fn_file_that_raises(tmp_path):
     path.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(ValueError, match="boom"):
         load_reward_fn(f"{path}:score")
+
+
+def test_format_bonus_credits_the_format_only():
+    from mlx_tokenrl.rewards import numeric_reward, with_format_bonus
+
+    reward = with_format_bonus(numeric_reward, 0.1)
+    assert reward("so it is 42\n#### 42", "42") == pytest.approx(1.1)
+    assert reward("#### 41", "42") == pytest.approx(0.1)
+    assert reward("the answer is 42", "42") == pytest.approx(1.0)
+    assert reward("no idea", "42") == 0.0

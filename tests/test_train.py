@@ -139,3 +139,16 @@ def test_adapter_loads_in_mlx_lm_and_options_run(tiny_model_dir, dense_task, tmp
     assert names == ["model.layers.1.self_attn.q_proj.lora_a"]
     metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_format_reward_is_training_only(tiny_model_dir, dense_task, tmp_path, monkeypatch):
+    seen = []
+    real = trainer.rollout_and_select
+
+    def spy(model, tokenizer, task, *args, **kw):
+        seen.append(task.reward("#### 3", "1"))  # dense reward 1/6, plus the bonus
+        return real(model, tokenizer, task, *args, **kw)
+
+    monkeypatch.setattr(trainer, "rollout_and_select", spy)
+    train(config(tiny_model_dir, dense_task, tmp_path / "fmt", steps=1, format_reward=0.25))
+    assert seen == [pytest.approx(1 / 6 + 0.25)]
