@@ -44,7 +44,7 @@ def build_tokenizer(path: Path, extra_vocab: int = 0):
          pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS,
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(), trainer)
     if extra_vocab > tok.get_vocab_size():
