@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -472,3 +473,16 @@ def free_ports(count=2):
             for s in socks:
                 s.close()
     raise RuntimeError("no free ports")
+
+
+def child_pids(pid: int) -> list:
+    """Child pids of `pid`, read from /proc (no procps needed)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out

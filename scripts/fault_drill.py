@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_tokenrl.checkpoint import latest_checkpoint
-from mlx_tokenrl.distributed import free_ports
+from mlx_tokenrl.distributed import child_pids, free_ports
 from mlx_tokenrl.toy import build_toy_model
 
 BIN = Path(sys.executable).parent
@@ -67,19 +67,6 @@ def start(args, ranks, log: Path, **extra):
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env(**extra))
 
 
-def children(pid: int) -> list:
-    """Child pids of `pid`, read from /proc (no procps needed)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def rank_pids(proc, ranks, timeout=30.0):
     """{rank: pid} of our training processes (the launcher's children under mlx.launch)."""
     if ranks == 1:
@@ -87,7 +74,7 @@ def rank_pids(proc, ranks, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = {}
-        for pid in children(proc.pid):
+        for pid in child_pids(proc.pid):
             try:
                 items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:

@@ -18,9 +18,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_tokenrl import trainer
-from mlx_tokenrl.distributed import World, free_ports
+from mlx_tokenrl.distributed import World, child_pids, free_ports
 from mlx_tokenrl.loss import make_loss_and_grad
-from mlx_tokenrl.models import add_lora, load_model, lora_config
 from mlx_tokenrl.rollout import Completion
 from mlx_tokenrl.trainer import TrainConfig
 
@@ -29,16 +28,7 @@ BIN = Path(sys.executable).parent
 
 # ---- the update: 2 ranks == 1 process on the union ------------------------------------
 
-@pytest.fixture(scope="module")
-def lora_model(tiny_model_dir):
-    model, _ = load_model(str(tiny_model_dir))
-    add_lora(model, lora_config(rank=4, scale=10.0))
-    mx.random.seed(3)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):  # non-zero B: every LoRA gradient is generic
-            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.01
-    mx.eval(model.parameters())
-    return model
+
 
 
 def fixed_rollouts(num_prompts=5, group_size=4, seed=0):
@@ -206,25 +196,12 @@ def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, den
     assert (out / "checkpoints" / "latest").read_text() == "step-000004"
 
 
-def children(pid: int) -> list:
-    """Child pids of `pid`, read from /proc (no procps needed)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 def rank_pids(launcher_pid, timeout=30):
     """{rank: pid} of the processes mlx.launch started (bash exec's the command)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = {}
-        for pid in children(launcher_pid):
+        for pid in child_pids(launcher_pid):
             try:
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:

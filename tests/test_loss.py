@@ -6,20 +6,9 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_tokenrl.loss import (LossRow, attach_ref_logprobs, lora_disabled, make_loss_and_grad,
                               make_microbatches, normalisation_weights)
-from mlx_tokenrl.models import add_lora, load_model, lora_config
 
 
-@pytest.fixture(scope="module")
-def lora_model(tiny_model_dir):
-    model, tokenizer = load_model(str(tiny_model_dir))
-    add_lora(model, lora_config(rank=4, scale=10.0))
-    # Non-zero LoRA B so the adapter changes the policy and its gradients are generic.
-    mx.random.seed(3)
-    for _, m in model.named_modules():
-        if hasattr(m, "lora_b"):
-            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.01
-    mx.eval(model.parameters())
-    return model
+
 
 
 def make_case(seed=0):
