@@ -15,7 +15,8 @@ from .train import config_parameters, new_config, option_parameter, report_step,
 
 def print_table(rows):
     table = Table(title="held-out accuracy (greedy)")
-    for col in ("arm", "accuracy (95% CI)", "vs base", "format", "steps", "loss tokens/step",
+    table.add_column("arm", overflow="fold")  # sweep arms carry their settings in the name
+    for col in ("accuracy (95% CI)", "vs base", "format", "steps", "loss tokens/step",
                 "median step s", "peak GB"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -31,31 +32,37 @@ def print_table(rows):
 
 
 def compare(**kwargs):
-    """Train each algorithm from the same start and compare held-out accuracy with the base model."""
-    algos = [a.strip() for a in kwargs.pop("algos").split(",") if a.strip()]
+    """Train each arm (an algorithm, optionally with its own settings) from the same start and
+    compare held-out accuracy with the base model."""
+    arms = [a.strip() for a in kwargs.pop("algos").split(",") if a.strip()]
     resume = kwargs.pop("resume")
     with user_errors():
-        unknown = [a for a in algos if a not in ALGOS]
-        if unknown or not algos:
-            raise UserError(f"--algos takes a comma-separated subset of {', '.join(ALGOS)}")
         kwargs["out"] = kwargs.get("out") or "runs/compare"
         cfg = new_config(kwargs)
         progress = step_progress()
         bars = {}
 
-        def on_arm(name, arm_cfg):
-            console.print(f"[bold]arm {name}[/]: " + ("evaluating base model" if arm_cfg is None
-                          else f"training {arm_cfg.steps} steps into {arm_cfg.out}"))
+        def on_arm(name, arm_cfg, finished):
+            if finished:
+                console.print(f"[bold]arm {name}[/]: finished earlier, skipped")
+                return
             if arm_cfg is not None:
-                bars[name] = progress.add_task(name, total=arm_cfg.steps, info="starting")
-            bars["current"] = bars.get(name)
+                console.print(f"[bold]arm {name}[/]: training {arm_cfg.steps} steps into {arm_cfg.out}")
+                bars["train"] = progress.add_task(name, total=arm_cfg.steps, info="starting")
+            bars["eval"] = progress.add_task(f"{name} eval", total=cfg.eval_limit, info="",
+                                             start=False)
 
         def on_step(m):
-            report_step(progress, bars["current"], m)
+            report_step(progress, bars["train"], m)
+
+        def on_eval(done, total):
+            progress.start_task(bars["eval"])
+            progress.update(bars["eval"], completed=done, total=total)
 
         with progress:
             try:
-                rows = run_compare(cfg, algos, resume=resume, on_arm=on_arm, on_step=on_step)
+                rows = run_compare(cfg, arms, resume=resume, on_arm=on_arm, on_step=on_step,
+                                   on_eval=on_eval)
             except KeyboardInterrupt:
                 console.print("interrupted: continue with the same command plus --resume")
                 raise typer.Exit(130)
@@ -67,7 +74,9 @@ def compare(**kwargs):
 
 compare.__signature__ = inspect.Signature(config_parameters([
     option_parameter("algos", Annotated[str, typer.Option(
-        help="Comma-separated algorithms to compare.", rich_help_panel="Compare")],
+        help="Comma-separated arms: an algorithm, optionally with settings of its own after "
+             "colons, e.g. grpo,s-grpo,s-grpo:lr=4e-5:sgrpo-k=48 (a small sweep).",
+        rich_help_panel="Compare")],
         ",".join(ALGOS)),
     option_parameter("resume", Annotated[bool, typer.Option(
         help="Skip finished arms and continue an unfinished one from its checkpoint.",

@@ -1,12 +1,15 @@
 """`compare`: base model vs each algorithm, same model, seed, data order and step count.
 
-Every arm trains into `<out>/<algo>/` with the trainer (so an unfinished arm resumes from
+Every arm trains into `<out>/<arm>/` with the trainer (so an unfinished arm resumes from
 its checkpoint), then all arms are scored greedily on the same held-out examples.
 A finished arm leaves `<out>/<arm>/final_eval.json` and is skipped on `--resume`.
+
+An arm is an algorithm, optionally with settings of its own (`s-grpo:lr=4e-5:sgrpo-k=48`),
+so the same command, table and plot serve a small hyperparameter sweep.
 """
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,58 @@ from .evaluate import evaluate, write_eval
 from .models import load_model
 from .tasks import load_task
 from .checkpoint import latest_checkpoint
-from .trainer import TrainConfig, train
+from .trainer import ALGOS, TrainConfig, train
+
+# What makes arms comparable: the same task, model, data order and rollout budget.
+SHARED = {"task", "model", "data", "digits", "reward_fn", "seed", "steps", "prompts_per_step",
+          "group_size", "max_new_tokens", "eval_every", "eval_limit", "save_every", "out",
+          "quantize", "dtype", "lora_keys"}
+
+
+def parse_value(text: str, kind: type):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, not {text!r}")
+        return text.lower() in ("true", "1")
+    return kind(text)
+
+
+def parse_arm(spec: str) -> tuple[str, dict]:
+    """'s-grpo' or 's-grpo:lr=4e-5:sgrpo-k=48' -> (arm name, TrainConfig overrides)."""
+    algo, *settings = spec.strip().split(":")
+    if algo not in ALGOS:
+        raise ValueError(f"--algos: unknown algorithm {algo!r} in {spec!r}; use {', '.join(ALGOS)}, "
+                         "optionally with settings, e.g. s-grpo:lr=4e-5:sgrpo-k=48")
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    overrides = {"algo": algo}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in defaults or key == "algo":
+            raise ValueError(f"--algos: {setting!r} in {spec!r} is not a setting (use name=value)")
+        if key in SHARED:
+            raise ValueError(f"--algos: {key.replace('_', '-')} is shared by every arm; "
+                             "set it once for the whole compare")
+        try:
+            overrides[key] = parse_value(value.strip(), type(defaults[key]))
+        except ValueError as exc:
+            raise ValueError(f"--algos: {setting!r} in {spec!r}: {exc}") from None
+    return spec.strip(), overrides
+
+
+def arm_configs(cfg: TrainConfig, specs) -> list[tuple[str, TrainConfig]]:
+    """Each arm's full config, validated before any model work; arm directories are named
+    after the spec (':' -> '_')."""
+    arms = [parse_arm(spec) for spec in specs]
+    names = [name for name, _ in arms]
+    if not arms or len(set(names)) < len(names):
+        raise ValueError("--algos: name each arm once (comma-separated)")
+    out = Path(cfg.out)
+    configs = [(name, replace(cfg, **overrides, out=str(out / name.replace(":", "_"))))
+               for name, overrides in arms]
+    for _, arm_cfg in configs:
+        arm_cfg.validate()
+    return configs
 
 
 def read_metrics(run_dir: Path) -> list:
@@ -25,13 +79,13 @@ def read_metrics(run_dir: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def evaluate_arm(cfg: TrainConfig, adapter, eval_limit: int, out: Path) -> dict:
+def evaluate_arm(cfg: TrainConfig, adapter, eval_limit: int, out: Path, on_progress=None) -> dict:
     task = load_task(cfg.task, data=cfg.data, digits=cfg.digits, seed=cfg.seed,
                      reward_fn=cfg.reward_fn)
     model, tokenizer = load_model(cfg.model, adapter_path=adapter, dtype=cfg.dtype,
                                   quantize_bits=cfg.quantize)
     summary, records = evaluate(model, tokenizer, task, task.test[:eval_limit],
-                                max_new_tokens=cfg.max_new_tokens)
+                                max_new_tokens=cfg.max_new_tokens, on_progress=on_progress)
     write_eval(out / "eval", summary, records)
     (out / "final_eval.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -55,37 +109,42 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
     return row
 
 
-def run_compare(cfg: TrainConfig, algos, resume: bool = False, on_arm=None, on_step=None):
+def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False, on_arm=None, on_step=None,
+                on_eval=None):
     """Run (or continue) every arm into cfg.out; returns the table rows, base first.
 
-    Every arm is scored on the first cfg.eval_limit held-out examples."""
+    Every arm is scored on the first cfg.eval_limit held-out examples. Callbacks:
+    on_arm(name, arm config or None for base, finished already), on_step(train metrics),
+    on_eval(examples done, total)."""
     out, eval_limit = Path(cfg.out), cfg.eval_limit
+    arms = arm_configs(cfg, arm_specs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare_config.json").write_text(json.dumps(
-        {"config": cfg.__dict__, "algos": list(algos)}, indent=2))
+        {"config": cfg.__dict__, "algos": [name for name, _ in arms]}, indent=2))
     rows = []
     base_dir = out / "base"
     base_dir.mkdir(exist_ok=True)
-    if on_arm:
-        on_arm("base", None)
     done = base_dir / "final_eval.json"
-    base = (json.loads(done.read_text()) if resume and done.exists()
-            else evaluate_arm(cfg, None, eval_limit, base_dir))
+    finished = resume and done.exists()
+    if on_arm:
+        on_arm("base", None, finished)
+    base = (json.loads(done.read_text()) if finished
+            else evaluate_arm(cfg, None, eval_limit, base_dir, on_eval))
     rows.append(arm_row("base", base, [], None))
-    for algo in algos:
-        arm_dir = out / algo
-        arm_cfg = replace(cfg, algo=algo, out=str(arm_dir))
-        if on_arm:
-            on_arm(algo, arm_cfg)
+    for name, arm_cfg in arms:
+        arm_dir = Path(arm_cfg.out)
         done = arm_dir / "final_eval.json"
-        if not (resume and done.exists()):
+        finished = resume and done.exists()
+        if on_arm:
+            on_arm(name, arm_cfg, finished)
+        if not finished:
             started = resume and latest_checkpoint(arm_dir) is not None
             train(arm_cfg, resume=started, on_step=on_step)
-            evaluate_arm(arm_cfg, arm_dir, eval_limit, arm_dir)
+            evaluate_arm(arm_cfg, arm_dir, eval_limit, arm_dir, on_eval)
         summary = json.loads(done.read_text())
-        rows.append(arm_row(algo, summary, read_metrics(arm_dir), base["accuracy"]))
+        rows.append(arm_row(name, summary, read_metrics(arm_dir), base["accuracy"]))
     write_tables(out, rows, cfg)
-    plot(out, [r["arm"] for r in rows[1:]])
+    plot(out, [(name, Path(arm_cfg.out)) for name, arm_cfg in arms])
     return rows
 
 
@@ -115,7 +174,8 @@ def write_tables(out: Path, rows, cfg: TrainConfig):
 
 
 def plot(out: Path, arms):
-    """Held-out accuracy and train reward vs step, one line per algorithm (needs matplotlib)."""
+    """Held-out accuracy and train reward vs step, one line per (name, run dir) arm (needs
+    matplotlib)."""
     try:
         import matplotlib
 
@@ -126,11 +186,11 @@ def plot(out: Path, arms):
     fig, (ax_acc, ax_rew) = plt.subplots(1, 2, figsize=(11, 4))
     base = json.loads((out / "base" / "final_eval.json").read_text())["accuracy"]
     ax_acc.axhline(base, color="grey", linestyle="--", label="base")
-    for arm in arms:
-        metrics = read_metrics(out / arm)
+    for arm, arm_dir in arms:
+        metrics = read_metrics(arm_dir)
         evals = [(0, base)] + [(m["step"], m["eval_accuracy"]) for m in metrics
                                if "eval_accuracy" in m]
-        final = json.loads((out / arm / "final_eval.json").read_text())["accuracy"]
+        final = json.loads((arm_dir / "final_eval.json").read_text())["accuracy"]
         if metrics:
             evals.append((metrics[-1]["step"], final))
         ax_acc.plot(*zip(*evals), marker="o", label=arm)

@@ -1,7 +1,11 @@
 import json
+import re
 
+import pytest
 from typer.testing import CliRunner
 
+from mlx_tokenrl.compare import arm_configs
+from mlx_tokenrl.trainer import TrainConfig
 from tokenrl_cli.main import app
 
 
@@ -30,3 +34,46 @@ def test_compare_rejects_unknown_algorithms(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, ["compare", "multiply", "--algos", "grpo,ppo",
                                       "--model", str(tiny_model_dir), "--out", str(tmp_path)])
     assert result.exit_code == 1 and "--algos" in result.output
+
+
+def test_arm_specs_override_only_their_own_settings(tmp_path):
+    cfg = TrainConfig(task="multiply", steps=7, lr=2e-5, out=str(tmp_path))
+    arms = arm_configs(cfg, ["grpo", "s-grpo:lr=4e-5:sgrpo-k=48", "t-spmo:tspmo_replay=0:compile=false"])
+    assert [name for name, _ in arms] == ["grpo", "s-grpo:lr=4e-5:sgrpo-k=48",
+                                          "t-spmo:tspmo_replay=0:compile=false"]
+    grpo, sgrpo, tspmo = (c for _, c in arms)
+    assert (grpo.algo, grpo.lr, grpo.sgrpo_k) == ("grpo", 2e-5, 24)
+    assert (sgrpo.algo, sgrpo.lr, sgrpo.sgrpo_k, sgrpo.steps) == ("s-grpo", 4e-5, 48, 7)
+    assert (tspmo.tspmo_replay, tspmo.compile, tspmo.lr) == (0, False, 2e-5)
+    assert sgrpo.out == str(tmp_path / "s-grpo_lr=4e-5_sgrpo-k=48")
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["ppo"], "unknown algorithm 'ppo'"),
+    (["s-grpo:lr"], "is not a setting"),
+    (["s-grpo:learning_rate=1"], "is not a setting"),
+    (["s-grpo:steps=5"], "steps is shared by every arm"),
+    (["s-grpo:sgrpo-k=4.5"], "sgrpo-k=4.5"),
+    (["t-spmo:compile=maybe"], "expected true or false"),
+    (["s-grpo:sgrpo-alpha=30"], "--sgrpo-alpha must not exceed --sgrpo-k"),
+    (["grpo", "grpo"], "name each arm once"),
+    ([], "name each arm once"),
+])
+def test_bad_arm_specs_fail_before_any_model_work(specs, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        arm_configs(TrainConfig(out=str(tmp_path)), specs)
+
+
+def test_compare_sweep_arms_train_with_their_settings(tiny_model_dir, tmp_path):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(app, [
+        "compare", "multiply", "--digits", "1x1", "--model", str(tiny_model_dir),
+        "--algos", "s-grpo,s-grpo:lr=3e-4:sgrpo-k=6", "--steps", "1", "--prompts-per-step", "2",
+        "--group-size", "4", "--max-new-tokens", "8", "--eval-limit", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["base", "s-grpo", "s-grpo:lr=3e-4:sgrpo-k=6"]
+    tuned = json.loads((out / "s-grpo_lr=3e-4_sgrpo-k=6" / "config.json").read_text())
+    assert (tuned["lr"], tuned["sgrpo_k"], tuned["algo"]) == (3e-4, 6, "s-grpo")
+    assert json.loads((out / "s-grpo" / "config.json").read_text())["sgrpo_k"] == 24
+    assert "| s-grpo:lr=3e-4:sgrpo-k=6 |" in (out / "compare.md").read_text()
