@@ -122,7 +122,8 @@ def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
 
 
 def progress_line(m: dict) -> str:
-    parts = [f"reward {m['reward_mean']:.3f}", f"signal {m['signal_fraction']:.0%}",
+    parts = [f"reward {m['reward_mean']:.3f}", f"solved {m['solve_rate']:.0%}",
+             f"signal {m['signal_fraction']:.0%}",
              f"sel {m['selected_tokens']}", f"{m['generated_tokens'] / m['step_s']:.0f} tok/s",
              f"{m['step_s']:.1f} s/step", f"{m['peak_memory_gb']:.2f} GB"]
     if "eval_accuracy" in m:

@@ -106,6 +106,11 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
             loss_seconds=float(np.median([m["loss_s"] for m in metrics])),
             peak_memory_gb=float(max(m["peak_memory_gb"] for m in metrics)),
             signal_fraction=float(np.mean([m["signal_fraction"] for m in metrics])))
+    logged = [m for m in metrics if "solve_rate" in m]  # runs older than these metrics lack them
+    if logged:
+        row.update(solve_rate=float(np.mean([m["solve_rate"] for m in logged])),
+                   solved_signal_fraction=float(np.mean([m["solved_signal_fraction"]
+                                                         for m in logged])))
     return row
 
 
@@ -150,20 +155,24 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False, on_arm=None, 
 
 def markdown_table(rows) -> str:
     lines = ["| arm | held-out accuracy (95% CI) | vs base | format rate | train steps | "
-             "tokens in loss / step | tokens generated / step | groups with signal | "
+             "tokens in loss / step | tokens generated / step | train solve rate | "
+             "groups with signal | of which on correctness | "
              "median step s | median loss+grad s | peak GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         low, high = r["ci95"]
         delta = "" if r["delta_vs_base"] is None else f"{r['delta_vs_base'] * 100:+.1f} pts"
         cells = [r["arm"], f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%}, n={r['n']})", delta,
                  f"{r['format_rate']:.0%}", str(r["steps"])]
         if "step_seconds" in r:
+            solved = "solve_rate" in r
             cells += [f"{r['selected_tokens_per_step']:.0f}", f"{r['generated_tokens_per_step']:.0f}",
-                      f"{r['signal_fraction']:.0%}", f"{r['step_seconds']:.1f}",
-                      f"{r['loss_seconds']:.1f}", f"{r['peak_memory_gb']:.2f}"]
+                      f"{r['solve_rate']:.1%}" if solved else "n/a", f"{r['signal_fraction']:.0%}",
+                      f"{r['solved_signal_fraction']:.0%}" if solved else "n/a",
+                      f"{r['step_seconds']:.1f}", f"{r['loss_seconds']:.1f}",
+                      f"{r['peak_memory_gb']:.2f}"]
         else:
-            cells += [""] * 6
+            cells += [""] * 8
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -220,9 +220,14 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
     loss_rows, triples = [], []
     signal = add_groups(cfg, groups, prompts, [group_rng(cfg, step, p) for p in positions],
                         loss_rows, triples)
+    # "Solved" is a full reward (>= 1, as eval counts correct): with --format-reward, groups
+    # can carry signal from the format alone, and these say how much came from correctness.
+    solved = [[c.reward >= 1.0 for c in group] for group in groups]
     stats = {"rewards": [c.reward for c in completions],
              "lengths": [len(c.tokens) for c in completions],
              "groups": len(groups), "groups_with_signal": signal,
+             "solved": sum(map(sum, solved)),
+             "groups_with_solved_signal": sum(has_signal(s) for s in solved),
              "completions": len(completions), "replay_completions": 0}
 
     if cfg.algo == "t-spmo" and cfg.tspmo_replay > 0:
@@ -389,7 +394,8 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step)
     rewards = np.array(stats["rewards"], dtype=np.float64)
     ranks = world.gather([rewards.sum(), (rewards ** 2).sum(), rewards.size, stats["groups"],
                           stats["groups_with_signal"], sum(stats["lengths"]), float(loss),
-                          t1 - t0, t2 - t1 - t_totals, t2 - t0, rollout_peak, loss_peak],
+                          t1 - t0, t2 - t1 - t_totals, t2 - t0, rollout_peak, loss_peak,
+                          stats["solved"], stats["groups_with_solved_signal"]],
                          f"the metrics exchange of step {step + 1}")
     t3 = time.perf_counter()
     sums = ranks.sum(axis=0)
@@ -417,6 +423,8 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step)
         "reward_mean": mean,
         "reward_std": math.sqrt(max(sums[1] / n - mean * mean, 0.0)),
         "signal_fraction": sums[4] / max(sums[3], 1),
+        "solve_rate": sums[12] / n,
+        "solved_signal_fraction": sums[13] / max(sums[3], 1),
         "selected_tokens": int(totals[1]),
         "generated_tokens": int(sums[5]),
         "loss": global_loss,

@@ -152,3 +152,34 @@ def test_format_reward_is_training_only(tiny_model_dir, dense_task, tmp_path, mo
     monkeypatch.setattr(trainer, "rollout_and_select", spy)
     train(config(tiny_model_dir, dense_task, tmp_path / "fmt", steps=1, format_reward=0.25))
     assert seen == [pytest.approx(1 / 6 + 0.25)]
+
+
+PARITY_REWARDS = '''
+def right_either_way(text, answer):
+    return 1.0 + 0.1 * (len(text) % 2)  # always solved; the bonus alone differs
+
+def bonus_only(text, answer):
+    return 0.1 * (len(text) % 2)  # never solved
+
+def right_when_odd(text, answer):
+    return float(len(text) % 2)
+'''
+
+
+@pytest.mark.parametrize("reward, solved", [("right_either_way", "all"), ("bonus_only", "none"),
+                                            ("right_when_odd", "some")])
+def test_solve_metrics_separate_correctness_from_bonus_signal(tiny_model_dir, dense_task, tmp_path,
+                                                              reward, solved):
+    (tmp_path / "parity.py").write_text(PARITY_REWARDS)
+    cfg = config(tiny_model_dir, {**dense_task, "reward_fn": f"{tmp_path / 'parity.py'}:{reward}"},
+                 tmp_path / "run", algo="grpo", steps=2)
+    steps = [json.loads(line) for line in open(train(cfg) / "metrics.jsonl")]
+    assert all(m["signal_fraction"] > 0 for m in steps)
+    for m in steps:
+        if solved == "all":
+            assert (m["solve_rate"], m["solved_signal_fraction"]) == (1.0, 0.0)
+        elif solved == "none":
+            assert (m["solve_rate"], m["solved_signal_fraction"]) == (0.0, 0.0)
+        else:
+            assert 0 < m["solve_rate"] < 1
+            assert m["solved_signal_fraction"] == m["signal_fraction"]
