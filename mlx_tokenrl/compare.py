@@ -182,9 +182,21 @@ def write_tables(out: Path, rows, cfg: TrainConfig):
     (out / "compare.md").write_text(markdown_table(rows))
 
 
+def plot_smoothed(ax, metrics, key, label, window=5):
+    """A per-step metric as a trailing mean (single steps are noisy with 8 prompts)."""
+    points = [(m["step"], m[key]) for m in metrics if key in m]
+    if not points:
+        return
+    steps, values = zip(*points)
+    window = min(window, len(values))
+    ax.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"),
+            label=label)
+
+
 def plot(out: Path, arms):
-    """Held-out accuracy and train reward vs step, one line per (name, run dir) arm (needs
-    matplotlib)."""
+    """Held-out accuracy, train reward and (where logged) train solve rate vs step, one line
+    per (name, run dir) arm (needs matplotlib). The solve rate panel matters with
+    --format-reward, where the reward also pays for the format."""
     try:
         import matplotlib
 
@@ -192,26 +204,28 @@ def plot(out: Path, arms):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, (ax_acc, ax_rew) = plt.subplots(1, 2, figsize=(11, 4))
+    runs = [(arm, arm_dir, read_metrics(arm_dir)) for arm, arm_dir in arms]
+    solved = any("solve_rate" in m for _, _, metrics in runs for m in metrics)
+    fig, axes = plt.subplots(1, 3 if solved else 2, figsize=(16 if solved else 11, 4))
+    ax_acc, ax_rew = axes[:2]
     base = json.loads((out / "base" / "final_eval.json").read_text())["accuracy"]
     ax_acc.axhline(base, color="grey", linestyle="--", label="base")
-    for arm, arm_dir in arms:
-        metrics = read_metrics(arm_dir)
+    for arm, arm_dir, metrics in runs:
         evals = [(0, base)] + [(m["step"], m["eval_accuracy"]) for m in metrics
                                if "eval_accuracy" in m]
         final = json.loads((arm_dir / "final_eval.json").read_text())["accuracy"]
         if metrics:
             evals.append((metrics[-1]["step"], final))
         ax_acc.plot(*zip(*evals), marker="o", label=arm)
-        steps = [m["step"] for m in metrics]
-        rewards = np.array([m["reward_mean"] for m in metrics])
-        if len(rewards):
-            window = min(5, len(rewards))
-            smooth = np.convolve(rewards, np.ones(window) / window, mode="valid")
-            ax_rew.plot(steps[window - 1:], smooth, label=arm)
+        plot_smoothed(ax_rew, metrics, "reward_mean", arm)
+        if solved:
+            plot_smoothed(axes[2], metrics, "solve_rate", arm)
     ax_acc.set(xlabel="step", ylabel="held-out accuracy (greedy)", title="Held-out accuracy")
     ax_rew.set(xlabel="step", ylabel="mean train reward (5-step mean)", title="Train reward")
-    for ax in (ax_acc, ax_rew):
+    if solved:
+        axes[2].set(xlabel="step", ylabel="share of samples right (5-step mean)",
+                    title="Train solve rate")
+    for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
