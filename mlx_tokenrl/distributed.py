@@ -486,3 +486,24 @@ def child_pids(pid: int) -> list:
         if int(fields[1]) == pid:
             out.append(int(stat.parent.name))
     return out
+
+
+def launched_rank_pids(launcher, ranks: int, timeout: float = 30.0) -> dict:
+    """{rank: pid} of the processes that `mlx.launch` (the Popen `launcher`) started, told
+    apart by MLX_RANK in their environment; {} when not all `ranks` show up within `timeout`
+    or the launcher exits first. For drills and tests that stop one rank."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and launcher.poll() is None:
+        found = {}
+        for pid in child_pids(launcher.pid):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in environ:
+                if item.startswith(b"MLX_RANK="):
+                    found[int(item[9:])] = pid
+        if len(found) == ranks:
+            return found
+        time.sleep(0.02)
+    return {}

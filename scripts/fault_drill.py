@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_tokenrl.checkpoint import latest_checkpoint
-from mlx_tokenrl.distributed import child_pids, free_ports
+from mlx_tokenrl.distributed import free_ports, launched_rank_pids
 from mlx_tokenrl.toy import build_toy_model
 
 BIN = Path(sys.executable).parent
@@ -65,29 +65,6 @@ def start(args, ranks, log: Path, **extra):
     out.write(f"$ {' '.join(cmd)}\n")
     out.flush()
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env(**extra))
-
-
-def rank_pids(proc, ranks, timeout=30.0):
-    """{rank: pid} of our training processes (the launcher's children under mlx.launch)."""
-    if ranks == 1:
-        return {0: proc.pid}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = {}
-        for pid in child_pids(proc.pid):
-            try:
-                items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for item in items:
-                if item.startswith(b"MLX_RANK="):
-                    found[int(item[9:])] = int(pid)
-        if len(found) == ranks:
-            return found
-        if proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    return {}
 
 
 def alive(pid):
@@ -158,7 +135,7 @@ def drill_one(i, spec, model, data, work: Path, steps: int, durations: dict, rng
     extra = {"TOKENRL_CHECKPOINT_PAUSE": PAUSE} if mode == "checkpoint" else {}
     t_launch = time.monotonic()
     proc = start(train_args(model, data, run, algo, steps), ranks, log, **extra)
-    pids = rank_pids(proc, ranks)
+    pids = {0: proc.pid} if ranks == 1 else launched_rank_pids(proc, ranks)
     if not pids:
         row["failures"].append("run did not start")
         proc.kill()
@@ -297,7 +274,7 @@ def report(args, rows, summary, durations, console):
     out.write_text(json.dumps({"args": saved_args, "mlx": mx.__version__,
                                "reference_durations_s": durations, "summary": summary,
                                "runs": rows}, indent=2, default=str))
-    text = [f"# Fault drill\n",
+    text = ["# Fault drill\n",
             f"`python scripts/fault_drill.py --out {args.out}` (MLX {mx.__version__}): "
             f"{summary['runs']} training runs of {args.steps} steps on the tiny random model "
             f"(B=4, G=8, 16 new tokens, checkpoint every 2 steps), each killed with `kill -9` at "

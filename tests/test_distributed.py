@@ -18,7 +18,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_tokenrl import trainer
-from mlx_tokenrl.distributed import World, child_pids, free_ports
+from mlx_tokenrl.distributed import World, free_ports, launched_rank_pids
 from mlx_tokenrl.loss import make_loss_and_grad
 from mlx_tokenrl.rollout import Completion
 from mlx_tokenrl.trainer import TrainConfig
@@ -196,25 +196,6 @@ def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, den
     assert (out / "checkpoints" / "latest").read_text() == "step-000004"
 
 
-def rank_pids(launcher_pid, timeout=30):
-    """{rank: pid} of the processes mlx.launch started (bash exec's the command)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = {}
-        for pid in child_pids(launcher_pid):
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for item in environ:
-                if item.startswith(b"MLX_RANK="):
-                    found[int(item[9:])] = int(pid)
-        if len(found) == 2:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("mlx.launch did not start two ranks")
-
-
 def wait_for_steps(metrics: Path, n: int, proc, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -249,7 +230,8 @@ def test_a_dead_or_frozen_rank_ends_the_other_within_the_bound(tiny_model_dir, d
     proc = launch(["tokenrl-mlx", *train_args(tiny_model_dir, dense, out, 1000, save_every=1000)],
                   free_ports(), env=env(TOKENRL_PEER_TIMEOUT=peer_timeout))
     try:
-        pids = rank_pids(proc.pid)
+        pids = launched_rank_pids(proc, 2)
+        assert len(pids) == 2, "mlx.launch did not start two ranks"
         wait_for_steps(out / "metrics.jsonl", 3, proc)
         slowest = max(json.loads(line)["step_s"] for line in open(out / "metrics.jsonl"))
         os.kill(pids[1], signal.SIGKILL if how == "kill -9" else signal.SIGSTOP)
