@@ -189,6 +189,19 @@ def quant_case(tmp_path_factory, vocab_size):
     return path, convert_gguf(path, d / "out")
 
 
+def assert_lossless(out, hf, tied, module=llama):
+    """The converted weights are exactly `hf`, and mlx-lm's logits match the reference.
+    Returns the loaded tokenizer."""
+    got = mx.load(str(out / "model.safetensors"))
+    assert set(got) == set(hf)
+    for k, v in hf.items():
+        np.testing.assert_array_equal(np.array(got[k]), v, err_msg=k)
+    model, tok = mlx_lm.load(str(out))
+    logits = np.array(model(mx.array([PROMPT]))[0])
+    np.testing.assert_allclose(logits, reference_logits(hf, PROMPT, tied, module), atol=1e-4, rtol=0)
+    return tok
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_lossless_gguf_recovers_hf_weights_and_logits(tmp_path, vocab_size, tied):
     hf = hf_weights(vocab_size, tied=tied)
@@ -203,14 +216,7 @@ def test_lossless_gguf_recovers_hf_weights_and_logits(tmp_path, vocab_size, tied
     assert cfg["vocab_size"] == vocab_size and cfg["max_position_embeddings"] == CTX
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["torch_dtype"]) == (1, 2, "float32")
 
-    got = mx.load(str(out / "model.safetensors"))
-    assert set(got) == set(hf)
-    for k, v in hf.items():
-        np.testing.assert_array_equal(np.array(got[k]), v, err_msg=k)
-
-    model, _ = mlx_lm.load(str(out))
-    logits = np.array(model(mx.array([PROMPT]))[0])
-    np.testing.assert_allclose(logits, reference_logits(hf, PROMPT, tied), atol=1e-4, rtol=0)
+    assert_lossless(out, hf, tied)
 
 
 def test_qwen2_is_not_permuted_and_keeps_biases(tmp_path, vocab_size):
@@ -222,13 +228,7 @@ def test_qwen2_is_not_permuted_and_keeps_biases(tmp_path, vocab_size):
     out = convert_gguf(write_gguf(tmp_path / "q.gguf", hf, arch="qwen2", pre="qwen2"), tmp_path / "out")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "qwen2" and cfg["rope_theta"] == ROPE_THETA
-    got = mx.load(str(out / "model.safetensors"))
-    assert set(got) == set(hf)
-    for k, v in hf.items():
-        np.testing.assert_array_equal(np.array(got[k]), v, err_msg=k)
-    model, tok = mlx_lm.load(str(out))
-    logits = np.array(model(mx.array([PROMPT]))[0])
-    np.testing.assert_allclose(logits, reference_logits(hf, PROMPT, True, qwen2), atol=1e-4, rtol=0)
+    tok = assert_lossless(out, hf, True, qwen2)
     tokens, _ = make_vocab()
     assert [tokens[i] for i in tok.encode("hello world 123")] == ["hello", "Ġworld", "Ġ", "1", "2", "3"]
 
