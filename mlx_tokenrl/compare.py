@@ -106,11 +106,13 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
             loss_seconds=float(np.median([m["loss_s"] for m in metrics])),
             peak_memory_gb=float(max(m["peak_memory_gb"] for m in metrics)),
             signal_fraction=float(np.mean([m["signal_fraction"] for m in metrics])))
-    logged = [m for m in metrics if "solve_rate" in m]  # runs older than these metrics lack them
-    if logged:
-        row.update(solve_rate=float(np.mean([m["solve_rate"] for m in logged])),
+    # Runs older than the solve metrics lack them, and a run resumed across that change has
+    # them only for its later steps: averaged over fewer steps than "groups with signal", they
+    # would not be comparable to it, so they are shown only when every step has them.
+    if metrics and all("solve_rate" in m for m in metrics):
+        row.update(solve_rate=float(np.mean([m["solve_rate"] for m in metrics])),
                    solved_signal_fraction=float(np.mean([m["solved_signal_fraction"]
-                                                         for m in logged])))
+                                                         for m in metrics])))
     return row
 
 

@@ -4,7 +4,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from mlx_tokenrl.compare import arm_configs
+from mlx_tokenrl.compare import arm_configs, arm_row
 from mlx_tokenrl.trainer import TrainConfig
 from tokenrl_cli.main import app
 
@@ -77,3 +77,21 @@ def test_compare_sweep_arms_train_with_their_settings(tiny_model_dir, tmp_path):
     assert (tuned["lr"], tuned["sgrpo_k"], tuned["algo"]) == (3e-4, 6, "s-grpo")
     assert json.loads((out / "s-grpo" / "config.json").read_text())["sgrpo_k"] == 24
     assert "| s-grpo:lr=3e-4:sgrpo-k=6 |" in (out / "compare.md").read_text()
+
+
+def step_metrics(step, signal, solved=None):
+    m = {"step": step, "selected_tokens": 10, "generated_tokens": 100, "step_s": 1.0, "loss_s": 0.5,
+         "peak_memory_gb": 1.0, "signal_fraction": signal}
+    if solved is not None:
+        m.update(solve_rate=solved, solved_signal_fraction=signal)
+    return m
+
+
+def test_solve_metrics_shown_only_when_every_step_logged_them():
+    summary = {"accuracy": 0.5, "ci95": [0.4, 0.6], "n": 100, "format_rate": 0.0}
+    full = arm_row("a", summary, [step_metrics(1, 0.5, 0.25), step_metrics(2, 0.0, 0.75)], 0.25)
+    assert full["solve_rate"] == 0.5 and full["solved_signal_fraction"] == full["signal_fraction"] == 0.25
+    # Resumed across the change: step 1 predates the solve metrics.
+    partial = arm_row("a", summary, [step_metrics(1, 0.5), step_metrics(2, 0.0, 0.75)], 0.25)
+    assert partial["signal_fraction"] == 0.25
+    assert "solve_rate" not in partial and "solved_signal_fraction" not in partial
