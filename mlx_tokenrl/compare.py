@@ -184,7 +184,7 @@ def write_tables(out: Path, rows, cfg: TrainConfig):
     (out / "compare.md").write_text(markdown_table(rows))
 
 
-def plot_smoothed(ax, metrics, key, label, window=5):
+def plot_smoothed(ax, metrics, key, label, color, window=5):
     """A per-step metric as a trailing mean (single steps are noisy with 8 prompts)."""
     points = [(m["step"], m[key]) for m in metrics if key in m]
     if not points:
@@ -192,36 +192,32 @@ def plot_smoothed(ax, metrics, key, label, window=5):
     steps, values = zip(*points)
     window = min(window, len(values))
     ax.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"),
-            label=label)
+            label=label, color=color)
 
 
-def plot(out: Path, arms):
+def figure(out: Path, arms, plt):
     """Held-out accuracy, train reward and (where logged) train solve rate vs step, one line
-    per (name, run dir) arm (needs matplotlib). The solve rate panel matters with
-    --format-reward, where the reward also pays for the format."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    per (name, run dir) arm. The solve rate panel matters with --format-reward, where the
+    reward also pays for the format."""
     runs = [(arm, arm_dir, read_metrics(arm_dir)) for arm, arm_dir in arms]
     solved = any("solve_rate" in m for _, _, metrics in runs for m in metrics)
     fig, axes = plt.subplots(1, 3 if solved else 2, figsize=(16 if solved else 11, 4))
     ax_acc, ax_rew = axes[:2]
     base = json.loads((out / "base" / "final_eval.json").read_text())["accuracy"]
     ax_acc.axhline(base, color="grey", linestyle="--", label="base")
-    for arm, arm_dir, metrics in runs:
+    # One colour per arm in every panel: matplotlib's colour cycle advances per line drawn, so
+    # an arm missing from a panel would shift the others' colours there.
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    for i, (arm, arm_dir, metrics) in enumerate(runs):
         evals = [(0, base)] + [(m["step"], m["eval_accuracy"]) for m in metrics
                                if "eval_accuracy" in m]
         final = json.loads((arm_dir / "final_eval.json").read_text())["accuracy"]
         if metrics:
             evals.append((metrics[-1]["step"], final))
-        ax_acc.plot(*zip(*evals), marker="o", label=arm)
-        plot_smoothed(ax_rew, metrics, "reward_mean", arm)
+        ax_acc.plot(*zip(*evals), marker="o", label=arm, color=colors(i))
+        plot_smoothed(ax_rew, metrics, "reward_mean", arm, colors(i))
         if solved:
-            plot_smoothed(axes[2], metrics, "solve_rate", arm)
+            plot_smoothed(axes[2], metrics, "solve_rate", arm, colors(i))
     ax_acc.set(xlabel="step", ylabel="held-out accuracy (greedy)", title="Held-out accuracy")
     ax_rew.set(xlabel="step", ylabel="mean train reward (5-step mean)", title="Train reward")
     if solved:
@@ -231,6 +227,19 @@ def plot(out: Path, arms):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot(out: Path, arms):
+    """compare.png from `figure` (needs matplotlib, an optional extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig = figure(out, arms, plt)
     path = out / "compare.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,7 +4,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from mlx_tokenrl.compare import arm_configs, arm_row
+from mlx_tokenrl.compare import arm_configs, arm_row, figure
 from mlx_tokenrl.trainer import TrainConfig
 from tokenrl_cli.main import app
 
@@ -95,3 +95,23 @@ def test_solve_metrics_shown_only_when_every_step_logged_them():
     partial = arm_row("a", summary, [step_metrics(1, 0.5), step_metrics(2, 0.0, 0.75)], 0.25)
     assert partial["signal_fraction"] == 0.25
     assert "solve_rate" not in partial and "solved_signal_fraction" not in partial
+
+
+def test_plot_gives_each_arm_one_colour_in_every_panel(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "final_eval.json").write_text(json.dumps({"accuracy": 0.2}))
+    arms = []
+    # The first arm predates the solve metrics, so it has no line in the third panel.
+    for name, solved in (("old", None), ("new", 0.5)):
+        arm_dir = tmp_path / name
+        arm_dir.mkdir()
+        (arm_dir / "final_eval.json").write_text(json.dumps({"accuracy": 0.4}))
+        lines = [{**step_metrics(step, 0.5, solved), "reward_mean": 0.3} for step in range(1, 8)]
+        (arm_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
+        arms.append((name, arm_dir))
+    fig = figure(tmp_path, arms, plt)
+    colours = [{line.get_label(): line.get_color() for line in ax.lines} for ax in fig.axes]
+    plt.close(fig)
+    assert set(colours[2]) == {"new"}
+    assert colours[0]["new"] == colours[1]["new"] == colours[2]["new"] != colours[0]["old"]
