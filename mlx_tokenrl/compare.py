@@ -207,17 +207,18 @@ def figure(out: Path, arms, plt):
     ax_acc.axhline(base, color="grey", linestyle="--", label="base")
     # One colour per arm in every panel: matplotlib's colour cycle advances per line drawn, so
     # an arm missing from a panel would shift the others' colours there.
-    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     for i, (arm, arm_dir, metrics) in enumerate(runs):
+        color = palette(i % palette.N)
         evals = [(0, base)] + [(m["step"], m["eval_accuracy"]) for m in metrics
                                if "eval_accuracy" in m]
         final = json.loads((arm_dir / "final_eval.json").read_text())["accuracy"]
         if metrics:
             evals.append((metrics[-1]["step"], final))
-        ax_acc.plot(*zip(*evals), marker="o", label=arm, color=colors(i))
-        plot_smoothed(ax_rew, metrics, "reward_mean", arm, colors(i))
+        ax_acc.plot(*zip(*evals), marker="o", label=arm, color=color)
+        plot_smoothed(ax_rew, metrics, "reward_mean", arm, color)
         if solved:
-            plot_smoothed(axes[2], metrics, "solve_rate", arm, colors(i))
+            plot_smoothed(axes[2], metrics, "solve_rate", arm, color)
     ax_acc.set(xlabel="step", ylabel="held-out accuracy (greedy)", title="Held-out accuracy")
     ax_rew.set(xlabel="step", ylabel="mean train reward (5-step mean)", title="Train reward")
     if solved:
