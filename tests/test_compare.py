@@ -90,7 +90,8 @@ def step_metrics(step, signal, solved=None):
 def test_solve_metrics_shown_only_when_every_step_logged_them():
     summary = {"accuracy": 0.5, "ci95": [0.4, 0.6], "n": 100, "format_rate": 0.0}
     full = arm_row("a", summary, [step_metrics(1, 0.5, 0.25), step_metrics(2, 0.0, 0.75)], 0.25)
-    assert full["solve_rate"] == 0.5 and full["solved_signal_fraction"] == full["signal_fraction"] == 0.25
+    assert full["solve_rate"] == 0.5
+    assert full["solved_signal_fraction"] == full["signal_fraction"] == 0.25
     # Resumed across the change: step 1 predates the solve metrics.
     partial = arm_row("a", summary, [step_metrics(1, 0.5), step_metrics(2, 0.0, 0.75)], 0.25)
     assert partial["signal_fraction"] == 0.25

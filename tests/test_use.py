@@ -157,8 +157,9 @@ def test_chat_keeps_history_and_resets(dirs, monkeypatch):
 def test_chat_piped_subprocess_exits_on_command(dirs):
     exe = Path(sys.executable).with_name("tokenrl-mlx")
     proc = subprocess.run([str(exe), "chat", "--model", dirs["base"], "--adapter", dirs["adapter"],
-                           "--max-tokens", "6", "--temperature", "0"], input="hi\n/reset\nhello\n/exit\nnever\n",
-                          capture_output=True, text=True, timeout=60)
+                           "--max-tokens", "6", "--temperature", "0"],
+                          input="hi\n/reset\nhello\n/exit\nnever\n", capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert reply_count(proc.stdout) == 2
     assert "Traceback" not in proc.stderr
