@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from mlx_tokenrl.compare import run_compare
-from mlx_tokenrl.trainer import ALGOS
+from mlx_tokenrl.config import ALGOS
 
 from .common import UserError, console, user_errors
 from .train import config_parameters, new_config, option_parameter, report_step, step_progress

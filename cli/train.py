@@ -16,7 +16,8 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mlx_tokenrl.distributed import launched_rank
-from mlx_tokenrl.trainer import TrainConfig, config_from_dict, train as run_training
+from mlx_tokenrl.config import TrainConfig, config_from_dict
+from mlx_tokenrl.trainer import train as run_training
 
 from .common import UserError, console, user_errors
 

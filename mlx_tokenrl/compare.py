@@ -18,7 +18,8 @@ from .evaluate import evaluate, write_eval
 from .models import load_model
 from .tasks import load_task
 from .checkpoint import latest_checkpoint
-from .trainer import ALGOS, TrainConfig, train
+from .config import ALGOS, TrainConfig
+from .trainer import train
 
 # What makes arms comparable: the same task, model, data order and rollout budget.
 SHARED = {"task", "model", "data", "digits", "reward_fn", "seed", "steps", "prompts_per_step",

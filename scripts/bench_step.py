@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_tokenrl import trainer
+from mlx_tokenrl.config import ALGOS, TrainConfig
 from mlx_tokenrl.loss import make_loss_and_grad
 from mlx_tokenrl.tasks import Example, Task
 from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
@@ -56,8 +57,8 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = build_toy_model(Path(tmp) / "m135", **SHAPE_135M)
-        for algo in trainer.ALGOS:
-            cfg = trainer.TrainConfig(model=str(path), algo=algo, steps=100,
+        for algo in ALGOS:
+            cfg = TrainConfig(model=str(path), algo=algo, steps=100,
                                       prompts_per_step=args.prompts_per_step,
                                       group_size=args.group_size,
                                       max_new_tokens=args.max_new_tokens, out=tmp)

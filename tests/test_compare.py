@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_tokenrl.compare import arm_configs, arm_row, figure
-from mlx_tokenrl.trainer import TrainConfig
+from mlx_tokenrl.config import TrainConfig
 from tokenrl_cli.main import app
 
 

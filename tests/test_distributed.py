@@ -21,7 +21,7 @@ from mlx_tokenrl import trainer
 from mlx_tokenrl.distributed import World, free_ports, launched_rank_pids
 from mlx_tokenrl.loss import make_loss_and_grad
 from mlx_tokenrl.rollout import Completion
-from mlx_tokenrl.trainer import TrainConfig
+from mlx_tokenrl.config import ALGOS, TrainConfig
 
 BIN = Path(sys.executable).parent
 
@@ -68,7 +68,7 @@ def rank_gradients(model, cfg, contexts, groups, world_size):
 
 
 @pytest.mark.parametrize("norm", ["sequence", "token"])
-@pytest.mark.parametrize("algo", trainer.ALGOS)
+@pytest.mark.parametrize("algo", ALGOS)
 def test_two_rank_gradient_equals_one_process_gradient_on_the_union(lora_model, algo, norm):
     cfg = TrainConfig(algo=algo, loss_norm=norm, group_size=4, sgrpo_alpha=2, sgrpo_k=5,
                       sgrpo_p=0.5, tspmo_max_pairs=6)

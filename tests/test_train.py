@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_tokenrl import trainer
-from mlx_tokenrl.trainer import TrainConfig, train
+from mlx_tokenrl.config import TrainConfig
+from mlx_tokenrl.trainer import train
 from tokenrl_cli.main import app
 
 @pytest.fixture(scope="module")
