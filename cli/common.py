@@ -1,9 +1,23 @@
-"""What every command shares: one-line user errors instead of tracebacks."""
+"""What the commands share: one-line user errors instead of tracebacks, and the options,
+config resolution and progress display of `train` and `compare`.
+
+Those two commands' options are generated from `TrainConfig`'s fields, so the CLI, the YAML
+config file and the library share one list of settings (precedence: CLI > --config file >
+defaults).
+"""
 
 import contextlib
+import inspect
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+import yaml
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mlx_tokenrl.config import TrainConfig, config_from_dict
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,3 +49,122 @@ def user_errors():
     except user_error_types() as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+# ---- train and compare: options from TrainConfig, config resolution, progress ------------
+
+HELP = {
+    "model": ("Model", "Hugging Face repo id, local mlx-lm directory or .gguf file."),
+    "algo": ("Algorithm", "grpo (all tokens), s-grpo (stochastic subset) or t-spmo (prefix matching)."),
+    "data": ("Task", "Local data file or directory instead of the Hugging Face dataset."),
+    "digits": ("Task", "multiply: operand digits, e.g. 3x3."),
+    "reward_fn": ("Task", "Custom verifier 'module:function' or 'file.py:function'."),
+    "steps": ("Rollouts", "Policy updates to run."),
+    "prompts_per_step": ("Rollouts", "Prompts per step (B)."),
+    "group_size": ("Rollouts", "Completions per prompt (G)."),
+    "max_new_tokens": ("Rollouts", "Longest completion."),
+    "temperature": ("Rollouts", "Sampling temperature."),
+    "top_p": ("Rollouts", "Nucleus sampling; 1 disables it."),
+    "seed": ("Rollouts", "Seed for data order, sampling and token selection."),
+    "lr": ("Optimisation", "Peak AdamW learning rate (warmup, then cosine to lr/10)."),
+    "warmup_steps": ("Optimisation", "Linear warmup steps."),
+    "weight_decay": ("Optimisation", "AdamW weight decay."),
+    "grad_clip": ("Optimisation", "Clip the global gradient norm; 0 disables."),
+    "loss_norm": ("Optimisation", "sequence: mean over completions of per-completion means (paper); token: mean over all selected tokens."),
+    "beta": ("Optimisation", "KL penalty to the base model (LoRA off), k3 on selected tokens."),
+    "scale_rewards": ("Optimisation", "group: divide advantages by the group's std; none: only centre them."),
+    "format_reward": ("Task", "Extra training reward for answering as '#### N' (accuracy is unchanged)."),
+    "lora_rank": ("LoRA", "LoRA rank."),
+    "lora_scale": ("LoRA", "LoRA scale (mlx-lm's 'scale')."),
+    "lora_layers": ("LoRA", "Number of last transformer blocks with LoRA; -1 for all."),
+    "lora_keys": ("LoRA", "Comma-separated module paths to adapt, e.g. self_attn.q_proj,self_attn.v_proj."),
+    "quantize": ("LoRA", "Quantize the base model to this many bits on load (QLoRA)."),
+    "dtype": ("LoRA", "auto (float32 on CPU, checkpoint dtype on Metal), float32, bfloat16, float16."),
+    "sgrpo_alpha": ("S-GRPO", "The first alpha completion tokens are always in the loss."),
+    "sgrpo_k": ("S-GRPO", "At most k tokens per completion in the loss."),
+    "sgrpo_p": ("S-GRPO", "Probability that each later token joins the loss until k are chosen."),
+    "tspmo_max_pairs": ("T-SPMO", "Most (prefix, token) pairs per group (random subset when over)."),
+    "tspmo_replay": ("T-SPMO", "Successful completions per step re-sampled from a random cut."),
+    "microbatch_rows": ("Compute", "Completions per loss microbatch (memory vs speed)."),
+    "grad_checkpoint": ("Compute", "Recompute activations in the backward pass (long completions)."),
+    "compile": ("Compute", "mx.compile the loss+grad step."),
+    "eval_every": ("Bookkeeping", "Held-out greedy accuracy every N steps; 0 disables."),
+    "eval_limit": ("Bookkeeping", "Held-out examples per evaluation."),
+    "save_every": ("Bookkeeping", "Checkpoint every N steps."),
+    "out": ("Bookkeeping", "Run directory: adapters, checkpoints, config, metrics.jsonl."),
+}
+CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": str}
+
+
+def option_parameter(name, annotation, default=None):
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                             annotation=annotation, default=default)
+
+
+def config_parameters(extra):
+    """The task argument, one option per TrainConfig field, --config, then `extra`."""
+    params = [inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        Optional[str], typer.Argument(help="svamp, gsm8k, multiply or jsonl.", show_default=False)],
+        default=None)]
+    for f in fields(TrainConfig):
+        if f.name == "task":
+            continue
+        panel, text = HELP[f.name]
+        default = f.default if f.default is not MISSING else None
+        kind = CLI_TYPES.get(f.name, type(default) if default is not None else str)
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        option = typer.Option(*decls, help=f"{text} (default: {default})", rich_help_panel=panel,
+                              show_default=False)
+        params.append(option_parameter(f.name, Annotated[Optional[kind], option]))
+    params.append(option_parameter("config", Annotated[Optional[Path], typer.Option(
+        help="YAML file with the same keys as the flags.", rich_help_panel="Bookkeeping")]))
+    return params + extra
+
+
+def resolve_config(cli_values: dict, config_file: Path | None) -> TrainConfig:
+    values = {}
+    if config_file is not None:
+        if not config_file.is_file():
+            raise UserError(f"config file not found: {config_file}")
+        values = yaml.safe_load(config_file.read_text()) or {}
+        if not isinstance(values, dict):
+            raise UserError(f"{config_file}: expected a mapping of option: value")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values.update({k: v for k, v in cli_values.items() if v is not None})
+    if isinstance(values.get("lora_keys"), str):
+        values["lora_keys"] = [k.strip() for k in values["lora_keys"].split(",") if k.strip()]
+    try:
+        return config_from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def progress_line(m: dict) -> str:
+    parts = [f"reward {m['reward_mean']:.3f}", f"solved {m['solve_rate']:.0%}",
+             f"signal {m['signal_fraction']:.0%}",
+             f"sel {m['selected_tokens']}", f"{m['generated_tokens'] / m['step_s']:.0f} tok/s",
+             f"{m['step_s']:.1f} s/step", f"{m['peak_memory_gb']:.2f} GB"]
+    if "eval_accuracy" in m:
+        parts.insert(1, f"acc {m['eval_accuracy']:.1%}")
+    if m["skipped"]:
+        parts.append("[yellow]update skipped[/]")
+    return " | ".join(parts)
+
+
+def new_config(kwargs) -> TrainConfig:
+    config_file = kwargs.pop("config")
+    if kwargs.get("task") is None and config_file is None:
+        raise UserError("name a task (svamp, gsm8k, multiply, jsonl) or pass --config")
+    return resolve_config(kwargs, config_file)
+
+
+def step_progress():
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+
+
+def report_step(progress, bar, metrics):
+    progress.update(bar, completed=metrics["step"], info=progress_line(metrics))
+    if not console.is_terminal:  # a log file gets no live bar: one plain line per step
+        console.print(f"step {metrics['step']}: {progress_line(metrics)}", highlight=False)

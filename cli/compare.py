@@ -9,8 +9,8 @@ from rich.table import Table
 from mlx_tokenrl.compare import run_compare
 from mlx_tokenrl.config import ALGOS
 
-from .common import UserError, console, user_errors
-from .train import config_parameters, new_config, option_parameter, report_step, step_progress
+from .common import (UserError, config_parameters, console, new_config, option_parameter,
+                     report_step, step_progress, user_errors)
 
 
 def print_table(rows):

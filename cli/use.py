@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlx_tokenrl.models import DEFAULT_MODEL
+from mlx_tokenrl.models import DEFAULT_MODEL, first_line
 
 from .common import UserError, err_console, user_errors
 
@@ -38,8 +38,7 @@ def fuse(
             try:
                 fusing.upload(out_dir, upload)
             except Exception as exc:  # auth, network, bad repo id: the fused model is still on disk
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"upload of {out_dir} to {upload} failed: {reason}") from None
+                raise UserError(f"upload of {out_dir} to {upload} failed: {first_line(exc)}") from None
 
 
 def _load(model, adapter):

@@ -17,6 +17,12 @@ class ModelLoadError(Exception):
     """One-line, user-facing reason a model or adapter could not be loaded."""
 
 
+def first_line(exc: BaseException) -> str:
+    """A one-line reason from an exception whose message may span lines (or be empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).exists()
 
@@ -47,9 +53,8 @@ def load_model(model: str = DEFAULT_MODEL, adapter_path=None, dtype: str = "auto
     except ModelLoadError:
         raise
     except Exception as exc:  # hub unreachable, missing repo, bad config: one clear line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"could not load model {model!r} ({reason}); pass a local mlx-lm directory "
+            f"could not load model {model!r} ({first_line(exc)}); pass a local mlx-lm directory "
             f"or a .gguf file with --model") from None
     checkpoint_dtype = getattr(mx, str(config.get("torch_dtype", "")), None)
     net.set_dtype(resolve_dtype(dtype, checkpoint_dtype if isinstance(checkpoint_dtype, mx.Dtype) else None))
