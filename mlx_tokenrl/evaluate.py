@@ -1,4 +1,5 @@
-"""Greedy, batched held-out accuracy (and how often the `####` format was kept)."""
+"""Greedy, batched held-out accuracy, how often an answer marker (`####` or `\\boxed{}`) was
+kept, and how often answers ran out of tokens."""
 
 import json
 import math
@@ -44,16 +45,24 @@ def evaluate(model, tokenizer, task, examples, max_new_tokens: int = 256,
 def summarize(records):
     return summary_from_counts(len(records), sum(r["correct"] for r in records),
                                sum(r["formatted"] for r in records),
-                               sum(r["tokens"] for r in records))
+                               sum(r["tokens"] for r in records),
+                               truncated=sum(r["truncated"] for r in records))
 
 
-def summary_from_counts(n: int, correct: int, formatted: int, tokens: int):
-    """The summary from counts (also how ranks combine the shards they each scored)."""
+def summary_from_counts(n: int, correct: int, formatted: int, tokens: int,
+                        truncated: int | None = None):
+    """The summary from counts (also how ranks combine the shards they each scored).
+
+    `truncated` counts answers that hit max_new_tokens before EOS; a high rate means the limit
+    cuts answers off (and they score 0), so raise it. None leaves the rate out."""
     low, high = wilson_interval(correct, n)
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
-            "ci95": [low, high],
-            "format_rate": formatted / n if n else 0.0,
-            "mean_tokens": tokens / n if n else 0.0}
+    summary = {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+               "ci95": [low, high],
+               "format_rate": formatted / n if n else 0.0,
+               "mean_tokens": tokens / n if n else 0.0}
+    if truncated is not None:
+        summary["truncation_rate"] = truncated / n if n else 0.0
+    return summary
 
 
 def write_eval(out_dir, summary, records):

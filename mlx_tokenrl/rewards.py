@@ -7,10 +7,12 @@ import importlib.util
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 MARKER = "####"
+BOX = "\\boxed{"  # Qwen-family and most math-tuned models end with \boxed{N}
 
 _NUMBER = re.compile(
     r"""
@@ -25,6 +27,15 @@ _NUMBER = re.compile(
 )
 # Wrapping a final answer in markdown / LaTeX is common and should not cost the reward.
 _WRAPPERS = " \t\r\n*_`"
+# LaTeX a model writes around a number, rewritten to what _NUMBER reads. Only numeric fractions:
+# a symbolic one has no number to compare.
+_LATEX = [
+    (re.compile(r"\\[dt]?frac\{\s*([-\u2212]?[\d.,]+)\s*\}\{\s*([\d.,]+)\s*\}"), r"\1/\2"),
+    (re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}"), r"\1"),
+    (re.compile(r"\{,\}"), ","),  # 1{,}000
+    (re.compile(r"\\[,!]"), ""),  # thin spaces, also used as thousands separators
+    (re.compile(r"\\([$%])"), r"\1"),  # \$5, 5\%
+]
 _BOXED = re.compile(r"^\\boxed\{(.*)\}$")
 
 
@@ -43,6 +54,27 @@ def _numbers(text: str) -> list[float]:
     return [v for v in values if v is not None]
 
 
+def _plain_latex(text: str) -> str:
+    for pattern, replacement in _LATEX:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _closing_brace(text: str, open_at: int) -> int | None:
+    """Index of the '}' matching the '{' at `open_at` (escaped \\{ \\} skipped); None if unclosed."""
+    depth = 0
+    i = open_at
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+        i += 1
+    return None
+
+
 def parse_number(text: str) -> float | None:
     """Parse a whole string as one number ("$1,234.00", "**42**", "-3/4", "50%"); else None."""
     s = text.strip(_WRAPPERS)
@@ -56,14 +88,40 @@ def parse_number(text: str) -> float | None:
     return _value(match) if match else None
 
 
+@dataclass(frozen=True)
+class FinalAnswer:
+    """What a final-answer marker holds: a box's content, or everything after '####'."""
+    text: str
+    boxed: bool
+
+
+def final_answer(text: str) -> FinalAnswer | None:
+    """The last final-answer marker in `text`, whichever kind: '####' or a closed '\\boxed{...}'.
+
+    The one that starts last wins, so a model that revises its answer is read at its final word,
+    and "#### \\boxed{12}" reads the box. An unclosed box (a cut-off answer) is no marker.
+    """
+    hashes = text.rfind(MARKER)
+    start = text.rfind(BOX)
+    while start > hashes:
+        close = _closing_brace(text, start + len(BOX) - 1)
+        if close is not None:
+            return FinalAnswer(text[start + len(BOX):close], boxed=True)
+        start = text.rfind(BOX, 0, start)
+    return FinalAnswer(text[hashes + len(MARKER):], boxed=False) if hashes >= 0 else None
+
+
 def extract_answer(text: str) -> tuple[float | None, bool]:
-    """(first number after the last '####', True); else (last number in text, False); else (None, False)."""
-    _, marker, tail = text.rpartition(MARKER)
-    if marker:
-        after = _numbers(tail)
+    """(the number the last final-answer marker holds, True); else (last number in text, False);
+    else (None, False). After '####' that is the first number; in a box, the first number after
+    its last '=' ("\\boxed{x = 5}")."""
+    final = final_answer(text)
+    if final is not None:
+        claim = final.text.rpartition("=")[2] if final.boxed else final.text
+        after = _numbers(_plain_latex(claim))
         if after:
             return after[0], True
-    numbers = _numbers(text)
+    numbers = _numbers(_plain_latex(text))
     return (numbers[-1], False) if numbers else (None, False)
 
 
@@ -81,8 +139,16 @@ def numeric_reward(completion: str, answer: str | float) -> float:
     return 1.0 if value is not None and numbers_equal(value, gold) else 0.0
 
 
+SOLVED_REWARD = 1.0
+
+
+def is_solved(reward: float) -> bool:
+    """A full reward, as eval counts correct: a format bonus alone never reaches it."""
+    return reward >= SOLVED_REWARD
+
+
 def with_format_bonus(reward_fn, weight: float):
-    """`reward_fn` plus `weight` when the answer is given as '#### N'. A small model rarely
+    """`reward_fn` plus `weight` when the answer is given as '#### N' or '\\boxed{N}'. A small model rarely
     answers a hard task right, so most groups carry no signal; crediting the format gives
     them some, and keeps a trained model from drifting off the format."""
 
@@ -98,14 +164,17 @@ def _normalise_text(text: str) -> str:
 
 
 def exact_match_reward(completion: str, answer: str | float) -> float:
-    """1.0 if the first line after the last '####' (or the whole completion) equals the answer."""
-    _, marker, tail = completion.rpartition(MARKER)
-    if marker:
-        # Models often keep talking after the answer line; only that line is the answer.
-        lines = [line for line in tail.splitlines() if line.strip()]
-        candidate = lines[0] if lines else ""
-    else:
+    """1.0 if the last marker's answer (a box's content, or the first line after '####'),
+    or else the whole completion, equals the answer."""
+    final = final_answer(completion)
+    if final is None:
         candidate = completion
+    elif final.boxed:
+        candidate = _plain_latex(final.text)
+    else:
+        # Models often keep talking after the answer line; only that line is the answer.
+        lines = [line for line in final.text.splitlines() if line.strip()]
+        candidate = lines[0] if lines else ""
     return 1.0 if _normalise_text(candidate) == _normalise_text(str(answer)) else 0.0
 
 

@@ -3,6 +3,7 @@ import pytest
 from mlx_tokenrl.rewards import (
     exact_match_reward,
     extract_answer,
+    final_answer,
     load_reward_fn,
     numbers_equal,
     numeric_reward,
@@ -54,6 +55,40 @@ EXTRACT_CASES = [
     ("#### ", None, False),
     ("####", None, False),
     ("twenty-one apples", None, False),
+    # \boxed{...}: a final-answer marker beside '####'
+    ("\\boxed{7}", 7.0, True),
+    ("So 3 + 4 = 7.\n\\[\\boxed{7}\\]", 7.0, True),
+    ("\\boxed{\\frac{1}{2}}", 0.5, True),
+    ("\\boxed{\\dfrac{3}{4}}", 0.75, True),
+    ("\\boxed{-\\frac{1}{2}}", -0.5, True),
+    ("\\boxed{{5}}", 5.0, True),
+    ("\\boxed{1,000}", 1000.0, True),
+    ("\\boxed{1{,}000}", 1000.0, True),
+    ("\\boxed{1\\,000}", 1000.0, True),
+    ("\\boxed{ 12 }", 12.0, True),
+    ("\\boxed{12.0}", 12.0, True),
+    ("\\boxed{x = 5}", 5.0, True),
+    ("\\boxed{3 \\times 4 = 12}", 12.0, True),
+    ("\\boxed{\\$5}", 5.0, True),
+    ("\\boxed{-\\$5}", -5.0, True),
+    ("\\boxed{5\\%}", 5.0, True),
+    ("\\boxed{\\text{8 apples}}", 8.0, True),
+    ("\\boxed{\\{3\\}}", 3.0, True),
+    ("\\boxed{\\left\\{ 3 \\right.}", 3.0, True),  # an escaped brace neither opens nor closes
+    ("\\boxed{12} apples, since 10 + 2 = 12. Also 99.", 12.0, True),
+    ("First \\boxed{3}, no wait: \\boxed{4}", 4.0, True),
+    # whichever marker starts last wins
+    ("#### 5\nActually \\boxed{6}", 6.0, True),
+    ("\\boxed{6}\nso\n#### 5", 5.0, True),
+    ("#### \\boxed{12}", 12.0, True),
+    ("#### \\\\boxed{12}", 12.0, True),  # a doubled backslash (escaped text) still opens a box
+    ("#### 13 is \\boxed{x = 12}", 12.0, True),
+    ("\\boxed{3} then \\boxed{}", 3.0, False),  # an empty last box holds no answer
+    # an unclosed box (cut off) is no marker
+    ("so it is \\boxed{12", 12.0, False),
+    ("\\boxed{7} and then \\boxed{12", 7.0, True),
+    ("#### 9 \\boxed{12", 9.0, True),
+    ("the answer is \\frac{1}{4}", 0.25, False),
 ]
 
 
@@ -86,12 +121,14 @@ def test_extract_answer(text, value, formatted):
     ("-1/2", -0.5),
     (".5", 0.5),
     ("\\boxed{12}", 12.0),
+    ("\\boxed{ -3 }", -3.0),
 ])
 def test_parse_number(text, value):
     assert parse_number(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("text", ["", "   ", "abc", "42 apples", "1/0", "1,2", "4-2", "--3", "$"])
+@pytest.mark.parametrize("text", ["", "   ", "abc", "42 apples", "1/0", "1,2", "4-2", "--3", "$",
+                                  "\\boxed{1} \\boxed{2}", "\\boxed{12"])
 def test_parse_number_rejects(text):
     assert parse_number(text) is None
 
@@ -116,6 +153,10 @@ def test_numbers_equal():
     ("#### 0.5", 0.5, 1.0),
     ("#### 1/2", "0.5", 1.0),
     ("#### -3", "-3", 1.0),
+    ("\\boxed{12.0}", "12", 1.0),
+    ("\\boxed{1,000}", "1000", 1.0),
+    ("\\boxed{12} \\boxed{13}", "12", 0.0),
+    ("\\boxed{\\frac{1}{2}}", 0.5, 1.0),
 ])
 def test_numeric_reward(completion, answer, reward):
     assert numeric_reward(completion, answer) == reward
@@ -136,6 +177,10 @@ def test_numeric_reward_bad_gold():
     ("  Paris \n", "paris", 1.0),
     ("The capital is Paris", "Paris", 0.0),
     ("#### Lyon", "Paris", 0.0),
+    ("\\boxed{Paris}", "Paris", 1.0),
+    ("\\boxed{\\text{New York}}.", "new york", 1.0),
+    ("#### Lyon\nno, \\boxed{Paris}", "Paris", 1.0),
+    ("\\boxed{Paris} #### Lyon", "Paris", 0.0),
     ("####", "Paris", 0.0),
 ])
 def test_exact_match_reward(completion, answer, reward):
@@ -191,3 +236,22 @@ def test_format_bonus_credits_the_format_only():
     assert reward("#### 41", "42") == pytest.approx(0.1)
     assert reward("the answer is 42", "42") == pytest.approx(1.0)
     assert reward("no idea", "42") == 0.0
+    assert reward("\\boxed{42}", "42") == pytest.approx(1.1)  # a box alone is the format
+    assert reward("\\boxed{41}", "42") == pytest.approx(0.1)
+    assert reward("it is \\boxed{42", "42") == pytest.approx(1.0)  # unclosed: no bonus
+
+
+@pytest.mark.parametrize("text,held,boxed", [
+    ("\\boxed{\\frac{1}{2}} done", "\\frac{1}{2}", True),
+    ("\\boxed{{5}}", "{5}", True),
+    ("#### 4\n\\boxed{a} b", "a", True),
+    ("\\boxed{a} #### 4\nok", " 4\nok", False),
+    ("\\boxed{a", None, None),
+    ("plain", None, None),
+])
+def test_final_answer_marker(text, held, boxed):
+    final = final_answer(text)
+    if held is None:
+        assert final is None
+    else:
+        assert (final.text, final.boxed) == (held, boxed)
