@@ -5,10 +5,12 @@ Layout of a run directory:
     checkpoints/step-000010/                    adapter + optimizer state + state.json
     checkpoints/latest                          name of the newest complete checkpoint
 Each checkpoint is written into a temporary directory and renamed into place, and only
-then is `latest` replaced (itself atomically), so readers never see a partial one. If the
-pointer is ever stale (a kill between two of those renames), `latest_checkpoint` falls back
-to the newest complete checkpoint directory. With several ranks only rank 0 saves (and
-loads: the others receive its state).
+then is `latest` replaced (itself atomically), so readers never see a partial one. A
+checkpoint leaves its final name the same way: renamed aside to a hidden name, then deleted,
+so a `step-*` directory is always complete. A kill between two of those renames can leave
+`latest` naming the previous checkpoint (still complete: it is loaded) or, while a step is
+re-saved, a directory just moved aside (its old copy is loaded). With several ranks only
+rank 0 saves (and loads: the others receive its state).
 """
 
 import json
@@ -69,7 +71,7 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict):
     _fault_drill_pause()
     final = root / name
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a save)
-        shutil.rmtree(final)
+        _move_aside(final)
     os.replace(tmp, final)
     _fault_drill_pause()
     atomic_write_bytes(root / "latest", name.encode())
@@ -79,12 +81,21 @@ def save_checkpoint(run_dir, step: int, model, optimizer, state: dict):
     return final
 
 
+def _move_aside(path: Path) -> Path:
+    """Rename a checkpoint to a hidden name in one step (onto a fresh empty directory), so
+    that deleting it, which a kill or a second Ctrl-C can interrupt, never shows a
+    half-deleted checkpoint under its final name. `_prune` deletes it."""
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+    os.replace(path, aside)
+    return aside
+
+
 def _prune(root: Path, keep: str):
     complete = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in complete[:-KEEP]:
         if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # temp dirs left by a kill mid-write
+            _move_aside(old)
+    for stale in root.glob(".step-*"):  # moved aside, or temp dirs left by a kill mid-write
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -93,14 +104,16 @@ def is_complete(path: Path) -> bool:
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    """The checkpoint `latest` names; if that one is missing or incomplete, the newest
-    complete `step-*` directory; None when there is none."""
+    """The checkpoint `latest` names (or, if a kill came while that step was being re-saved,
+    its old copy moved aside); else the newest complete `step-*` directory; None when there
+    is none."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if pointer.read_text().strip() and is_complete(path):
-            return path
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    if name:
+        for path in [root / name, *sorted(root.glob(f".{name}.old.*"))]:
+            if is_complete(path):
+                return path
     complete = sorted((p for p in root.glob("step-*") if p.is_dir() and is_complete(p)),
                       reverse=True)
     return complete[0] if complete else None
