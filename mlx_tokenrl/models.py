@@ -9,6 +9,7 @@ import mlx_lm
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .backend import resolve_dtype
+from .hub import cached_model_path, unreachable_reason
 
 DEFAULT_MODEL = "Qwen/Qwen2-1.5B-Instruct"
 
@@ -41,7 +42,20 @@ def resolve_model_path(model: str) -> str:
             raise ModelLoadError(
                 f"model {model!r}: no such mlx-lm model directory (expected {path / 'config.json'})")
         return str(path)
-    return model
+    return hub_model_path(model)
+
+
+def hub_model_path(repo: str) -> str:
+    """`repo` itself when the hub answers (mlx-lm downloads or updates it), else its copy in
+    the local cache; one line at once rather than huggingface_hub's retries if neither."""
+    reason = unreachable_reason()
+    if reason is None:
+        return repo
+    cached = cached_model_path(repo)
+    if cached is None:
+        raise ModelLoadError(f"could not load model {repo!r} ({reason}; not in the local cache); "
+                             f"pass a local mlx-lm directory or a .gguf file with --model")
+    return cached
 
 
 def load_model(model: str = DEFAULT_MODEL, adapter_path=None, dtype: str = "auto",

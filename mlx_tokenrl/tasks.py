@@ -1,8 +1,10 @@
 """Tasks: prompts plus a verifier, loaded and fully validated before any model work.
 
 Built-in tasks:
-  svamp     SVAMP (Body, Question, Answer). Local data or the hub's ChilleD/SVAMP.
-  gsm8k     GSM8K (question, answer with '#### N'). Local data or the hub's openai/gsm8k.
+  svamp     SVAMP (Body, Question, Answer). Local data or the bundled copy of ChilleD/SVAMP's
+            700/300 split (mlx_tokenrl/data/svamp, MIT; see NOTICE.md there): never the hub.
+  gsm8k     GSM8K (question, answer with '#### N'). Local data or the hub's openai/gsm8k
+            (checked to be reachable first: one line at once, not huggingface_hub's retries).
   multiply  a times b, generated from `digits` ("3x3"), seeded, train/test disjoint.
   jsonl     your own data (prompt, answer); numeric reward if every answer is a number.
 
@@ -20,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .hub import unreachable_reason
 from .rewards import MARKER, exact_match_reward, load_reward_fn, numeric_reward, parse_number
 
 INSTRUCTION = "Think step by step, then give the final answer as a single number after '####'."
 SPLITS = ("train", "test")
+SVAMP_DIR = Path(__file__).parent / "data" / "svamp"  # shipped as package data (pyproject.toml)
 
 Reward = Callable[[str, str], float]
 Record = tuple[str, dict]  # (where it came from, for error messages; the record)
@@ -154,6 +158,14 @@ def _local_records(data: str, task: str) -> dict[str, list[Record]]:
 
 
 def _hub_records(repo: str, config: str | None) -> dict[str, list[Record]]:
+    from huggingface_hub import is_offline_mode
+
+    # Offline, datasets sends nothing (it reads its cache or fails at once); online, a hub it
+    # cannot reach costs ~25 s of retries, so the probe asks first.
+    reason = None if is_offline_mode() else unreachable_reason()
+    if reason is not None:
+        raise TaskError(f"could not load {repo!r} ({reason}); pass --data PATH to use local files, "
+                        f"or set HF_HUB_OFFLINE=1 to use a copy cached before")
     try:
         import datasets
 
@@ -205,7 +217,9 @@ def _jsonl_example(rec: dict, where: str) -> Example:
 
 
 def _load_svamp(data: str | None, **_) -> Task:
-    splits = _convert(_records(data, "svamp", "ChilleD/SVAMP"), _svamp_example)
+    # SVAMP is small and MIT-licensed, so its split ships with the package: no hub needed.
+    source = str(SVAMP_DIR) if data is None else data
+    splits = _convert(_local_records(source, "svamp"), _svamp_example)
     return Task("svamp", splits["train"], splits["test"], numeric_reward)
 
 

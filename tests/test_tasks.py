@@ -1,3 +1,5 @@
+import fnmatch
+import hashlib
 import json
 import sys
 import types
@@ -94,29 +96,98 @@ def test_gsm8k_local(tmp_path):
     assert task.reward is numeric_reward
 
 
-def test_hub_failure_is_one_line(monkeypatch):
+def fake_datasets(monkeypatch, load_dataset):
     fake = types.ModuleType("datasets")
-
-    def load_dataset(*args, **kwargs):
-        raise ConnectionError("Couldn't reach 'ChilleD/SVAMP'\non the Hub (LocalEntryNotFoundError)")
-
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    for name in ("svamp", "gsm8k"):
-        with pytest.raises(TaskError) as info:
-            load_task(name)
-        msg = str(info.value)
-        assert "\n" not in msg
-        assert "hub" in msg.lower() and "--data PATH" in msg
 
 
-def test_hub_rows_are_validated(monkeypatch):
-    fake = types.ModuleType("datasets")
-    fake.load_dataset = lambda repo, config=None: {
-        "train": [svamp_rec()], "test": [svamp_rec(answer="n/a")]}
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    with pytest.raises(TaskError, match=r"ChilleD/SVAMP test row 0: non-numeric answer"):
-        load_task("svamp")
+def never(*args, **kwargs):
+    raise AssertionError("must not be called")
+
+
+@pytest.fixture
+def hub_answers(monkeypatch):
+    """The probe finds the hub reachable (nothing is sent), so datasets is asked."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("mlx_tokenrl.tasks.unreachable_reason", lambda: None)
+
+
+def test_hub_failure_is_one_line(monkeypatch, hub_answers):
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k'\non the Hub (LocalEntryNotFoundError)")
+
+    fake_datasets(monkeypatch, load_dataset)
+    with pytest.raises(TaskError) as info:
+        load_task("gsm8k")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "hub" in msg.lower() and "--data PATH" in msg
+
+
+def test_hub_rows_are_validated(monkeypatch, hub_answers):
+    fake_datasets(monkeypatch, lambda repo, config=None: {
+        "train": [gsm8k_rec()], "test": [gsm8k_rec(answer="so 5")]})
+    with pytest.raises(TaskError, match=r"openai/gsm8k test row 0: field 'answer' has no '####'"):
+        load_task("gsm8k")
+
+
+def test_unreachable_hub_fails_before_datasets(monkeypatch):
+    # datasets would retry for ~25 s; the probe's verdict ends it at once.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("mlx_tokenrl.tasks.unreachable_reason",
+                        lambda: "cannot reach the Hugging Face hub at http://x (refused)")
+    fake_datasets(monkeypatch, never)
+    with pytest.raises(TaskError) as info:
+        load_task("gsm8k")
+    msg = str(info.value)
+    assert msg.startswith("could not load 'openai/gsm8k' (cannot reach the Hugging Face hub at http://x")
+    assert "--data PATH" in msg and "HF_HUB_OFFLINE=1" in msg and "\n" not in msg
+
+
+def test_offline_gsm8k_reads_the_datasets_cache(monkeypatch):
+    # Offline, datasets makes no requests (so no retries): it may still have a cached copy.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("mlx_tokenrl.tasks.unreachable_reason", never)
+    fake_datasets(monkeypatch, lambda repo, config=None: {"train": [gsm8k_rec()], "test": [gsm8k_rec()]})
+    task = load_task("gsm8k")
+    assert task.train[0].answer == task.test[0].answer == "1000"
+
+
+BUNDLED_SVAMP = Path(__file__).resolve().parents[1] / "mlx_tokenrl" / "data" / "svamp"
+
+
+def test_svamp_without_data_is_bundled_and_never_asks_the_hub(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("mlx_tokenrl.tasks.unreachable_reason", never)
+    fake_datasets(monkeypatch, never)
+    task = load_task("svamp")
+    assert (len(task.train), len(task.test)) == (700, 300)
+    assert task.train[0].answer == "145" and task.test[0].answer == "27"
+    assert task.train[0].question.startswith("There are 87 oranges and 290 bananas")
+    assert not {e.question for e in task.train} & {e.question for e in task.test}
+
+
+def test_bundled_svamp_is_the_documented_split():
+    # sha256 of ChilleD/SVAMP's split as recovered in /work/shared/data/README.md.
+    expected = {"train.json": "4ea164c631c9492016907e001da83fd58a17e4749ccc5f95d04cd4db75288ee0",
+                "test.json": "e71a2f47774bf4e2380b844b88cb721a1e83a67ae9d38389ae40a475198da6f8"}
+    for name, digest in expected.items():
+        assert hashlib.sha256((BUNDLED_SVAMP / name).read_bytes()).hexdigest() == digest
+    notice = (BUNDLED_SVAMP / "NOTICE.md").read_text()
+    assert "Copyright (c) 2021 Arkil Patel" in notice and "MIT License" in notice
+
+
+def test_pyproject_ships_the_bundled_data():
+    # `pip install .` (not only -e) must carry the files: they are package data of their own
+    # package. (`pip wheel . --no-deps` lists them; too slow to build here.)
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((BUNDLED_SVAMP.parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "mlx_tokenrl.data.svamp" in config["packages"]
+    patterns = config["package-data"]["mlx_tokenrl.data.svamp"]
+    for path in BUNDLED_SVAMP.iterdir():
+        if path.is_file():
+            assert any(fnmatch.fnmatch(path.name, p) for p in patterns), path.name
 
 
 # ---------------------------------------------------------------- jsonl
