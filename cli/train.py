@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mlx_tokenrl.distributed import launched_rank
+from mlx_tokenrl.launch import launched_rank
 from mlx_tokenrl.config import TrainConfig, config_from_dict
 from mlx_tokenrl.trainer import train as run_training
 

@@ -60,15 +60,3 @@ import mlx.core as mx  # noqa: E402  (must come after the BLAS choice above)
 
 def default_device_is_gpu():
     return mx.default_device() == mx.gpu
-
-
-def resolve_dtype(name, checkpoint_dtype=None):
-    """`auto`: float32 on CPU (half-precision matmul is slow there), else the checkpoint's."""
-    if name == "auto":
-        if not default_device_is_gpu():
-            return mx.float32
-        return checkpoint_dtype or mx.bfloat16
-    try:
-        return {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")

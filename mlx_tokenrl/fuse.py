@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-import mlx.core as mx
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, hf_repo_to_path, load_config, save, upload_to_hub
 
+from .dtypes import checkpoint_dtype
 from .models import load_model, resolve_model_path
 
 
@@ -30,9 +30,9 @@ def fuse_adapter(model: str, adapter_path, out_dir, dequantize: bool = False) ->
 
     # load_model computes in float32 on CPU; store in the checkpoint's dtype so the
     # fused model is no bigger than its base.
-    checkpoint_dtype = getattr(mx, str(config.get("torch_dtype", "")), None)
-    if isinstance(checkpoint_dtype, mx.Dtype):
-        net.set_dtype(checkpoint_dtype)
+    stored = checkpoint_dtype(config)
+    if stored is not None:
+        net.set_dtype(stored)
 
     out_dir = Path(out_dir)
     save(out_dir, source, net, tokenizer, config, donate_model=False)

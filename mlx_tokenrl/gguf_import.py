@@ -38,6 +38,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .dtypes import DTYPES
+
 __all__ = ["GGUFError", "convert_gguf", "cached_conversion", "default_cache_dir"]
 
 # Bump when the converter's output changes so stale cache entries are not reused.
@@ -48,7 +50,6 @@ _PERMUTED_ARCHITECTURES = ("llama",)  # archs whose q/k rows llama.cpp permutes
 _MX_LOSSLESS_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")  # mx.load reads these exactly
 _GROUP_SIZE = 32  # block size of Q4_0 / Q4_1 / Q8_0
 
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 # GGUF tensor-name pieces -> mlx-lm (HF) names.
 _GLOBAL_NAMES = {
@@ -394,8 +395,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32") -> Path:
     """
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if not gguf_path.is_file():
         raise FileNotFoundError(gguf_path)
 
@@ -414,7 +415,7 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32") -> Path:
     tokenizer.save(str(out_dir / "tokenizer.json"))
     with open(out_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(tok_config, f, indent=2, ensure_ascii=False)
-    target = _DTYPES[dtype]
+    target = DTYPES[dtype]
     weights = {k: v.astype(target) for k, v in weights.items()}
     mx.save_safetensors(str(out_dir / "model.safetensors"), weights, metadata={"format": "mlx"})
     with open(out_dir / "config.json", "w", encoding="utf-8") as f:

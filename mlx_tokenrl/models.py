@@ -8,7 +8,7 @@ import mlx.nn as nn
 import mlx_lm
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from .backend import resolve_dtype
+from .dtypes import checkpoint_dtype, resolve_dtype
 from .hub import cached_model_path, unreachable_reason
 
 DEFAULT_MODEL = "Qwen/Qwen2-1.5B-Instruct"
@@ -70,8 +70,7 @@ def load_model(model: str = DEFAULT_MODEL, adapter_path=None, dtype: str = "auto
         raise ModelLoadError(
             f"could not load model {model!r} ({first_line(exc)}); pass a local mlx-lm directory "
             f"or a .gguf file with --model") from None
-    checkpoint_dtype = getattr(mx, str(config.get("torch_dtype", "")), None)
-    net.set_dtype(resolve_dtype(dtype, checkpoint_dtype if isinstance(checkpoint_dtype, mx.Dtype) else None))
+    net.set_dtype(resolve_dtype(dtype, checkpoint_dtype(config)))
     if quantize_bits:
         nn.quantize(net, group_size=64, bits=quantize_bits)
     if adapter_path is not None:

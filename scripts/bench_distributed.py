@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +29,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mlx_tokenrl.distributed import free_ports
 from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
 
-BIN = Path(sys.executable).parent
+from loopback import BIN, launch_command, launch_env
+
 REWARD = ("import hashlib\n\ndef coin(text, answer):\n"
           "    return float(hashlib.sha256(text.encode()).digest()[0] % 2)\n")
 KEYS = ("rollout_s", "loss_s", "sync_s", "allreduce_s", "update_s", "step_s",
@@ -48,14 +47,13 @@ def run(ranks, args, model, work: Path):
            "--group-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
            "--algo", args.algo, "--lora-rank", str(args.lora_rank), "--save-every", "1000"]
     if ranks > 1:
-        cmd = [str(BIN / "mlx.launch"), "-n", str(ranks), "--backend", "ring",
-               "--starting-port", str(free_ports(ranks)), *cmd]
+        cmd = launch_command(ranks, cmd)
     else:
         cmd[0] = str(BIN / "tokenrl-mlx")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     load = os.getloadavg()[0]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=launch_env())
     wall = time.monotonic() - t0
     if proc.returncode != 0 or "exited with code" in proc.stderr:
         raise SystemExit(f"{ranks}-rank run failed:\n{proc.stdout}\n{proc.stderr}")

@@ -30,20 +30,14 @@ from rich.console import Console
 from rich.table import Table
 
 from mlx_tokenrl.checkpoint import latest_checkpoint
-from mlx_tokenrl.distributed import free_ports, launched_rank_pids
 from mlx_tokenrl.toy import build_toy_model
 
-BIN = Path(sys.executable).parent
+from loopback import BIN, alive, launch_command, launch_env, launched_rank_pids
+
 ALGOS = ("grpo", "s-grpo", "t-spmo")
 REWARD = "def digits(text, answer):\n    return sum(c.isdigit() for c in text) / max(len(text), 1)\n"
 PAUSE = 0.2  # seconds per checkpoint phase in checkpoint-kill runs (5 phases per save)
 HANG = 60.0  # a killed run whose other rank is still alive after this long is a hang
-
-
-def env(**extra):
-    e = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    e.update({k: str(v) for k, v in extra.items()})
-    return e
 
 
 def launch_failed(log: Path) -> str | None:
@@ -57,22 +51,14 @@ def launch_failed(log: Path) -> str | None:
 def start(args, ranks, log: Path, **extra):
     cmd = ["tokenrl-mlx", *args]
     if ranks > 1:
-        cmd = [str(BIN / "mlx.launch"), "-n", str(ranks), "--backend", "ring",
-               "--starting-port", str(free_ports(ranks)), *cmd]
+        cmd = launch_command(ranks, cmd)
     else:
         cmd[0] = str(BIN / "tokenrl-mlx")
     out = open(log, "a")
     out.write(f"$ {' '.join(cmd)}\n")
     out.flush()
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env(**extra))
-
-
-def alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return False
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                            env=launch_env(**extra))
 
 
 def checkpoint_phase(run: Path):

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from loopback import BIN, alive, free_ports, launch_command, launch_env, launched_rank_pids
 from mlx_tokenrl import trainer
-from mlx_tokenrl.distributed import World, free_ports, launched_rank_pids
+from mlx_tokenrl.config import ALGOS, TrainConfig
+from mlx_tokenrl.distributed import World
+from mlx_tokenrl.launch import is_launched, read_hostfile
 from mlx_tokenrl.loss import make_loss_and_grad
 from mlx_tokenrl.rollout import Completion
-from mlx_tokenrl.config import ALGOS, TrainConfig
-
-BIN = Path(sys.executable).parent
 
 
 # ---- the update: 2 ranks == 1 process on the union ------------------------------------
@@ -98,6 +98,65 @@ def test_uneven_shards_and_a_batch_smaller_than_the_world():
     trainer.check_batch_fits(TrainConfig(prompts_per_step=3), fake)
 
 
+# ---- launch setup and stopping with one line, without a launcher -----------------------
+
+def test_the_hostfile_gives_ranks_local_ranks_and_a_summary(tmp_path, monkeypatch):
+    for name in ("MLX_HOSTFILE", "MLX_RANK", "OMPI_COMM_WORLD_SIZE", "MLX_JACCL_COORDINATOR",
+                 "MLX_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert read_hostfile() is None and not is_launched(None)
+    hostfile = tmp_path / "hosts.json"
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    monkeypatch.setenv("MLX_RANK", "1")
+    hostfile.write_text(json.dumps([["10.0.0.1:5000"], ["10.0.0.2:5000"], ["10.0.0.2:5001"]]))
+    hosts = read_hostfile()
+    assert hosts.ranks == 3 and is_launched(hosts)
+    assert [hosts.local_ranks(r) for r in range(3)] == [1, 2, 2]
+    assert hosts.summary() == "ring 10.0.0.1:5000, 10.0.0.2:5000, 10.0.0.2:5001"
+    hostfile.write_text("")  # what `mlx.launch -n 1` writes: one rank, no group to form
+    assert read_hostfile().ranks == 1 and not is_launched(read_hostfile())
+    hostfile.write_text("{not json")  # launched all the same: MLX reports the parse error
+    broken = read_hostfile()
+    assert broken.ranks is None and is_launched(broken) and broken.local_ranks(1) == 1
+    assert broken.summary() == f"hostfile {hostfile}"
+
+
+STOPPING = """
+import os, sys, time
+from mlx_tokenrl.watchdog import Watchdog, error_line, filter_ring_noise, process_watchdog
+
+error_line.identity, error_line.resume_hint = "rank 1 of 2: ", " (continue later)"
+filter_ring_noise()
+os.write(2, b"[ring] Socket 5 was closed by the peer\\nkept\\n")
+if sys.argv[1] == "thread":
+    with Watchdog().guard("the test collective", 1.0):
+        time.sleep(30)
+else:
+    with process_watchdog(30, "never printed"):
+        pass
+    with process_watchdog(1.0, "could not form the group"):
+        time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("watchdog", ["thread", "process"])
+def test_a_passed_deadline_ends_the_rank_with_one_line(watchdog):
+    """The collective watchdog (a thread) and the group-forming one (a helper process): past
+    the deadline, one error line after the rest of stderr, MLX's [ring] lines dropped."""
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", STOPPING, watchdog], capture_output=True,
+                          text=True, timeout=60)
+    assert time.monotonic() - t0 < 20
+    if watchdog == "thread":
+        assert proc.returncode == 75, proc.stderr
+        error = ("error: rank 1 of 2: no answer from the other ranks for 1 s during the test "
+                 "collective: a rank died, hangs or lost the network; stopping (continue later)")
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        error = "error: rank 1 of 2: could not form the group"
+    assert proc.stderr.splitlines() == ["kept", error]
+
+
 # ---- real launches on loopback --------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -117,17 +176,11 @@ def train_args(model_dir, dense, out, steps, **extra):
     return args
 
 
-def env(**extra):
-    e = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    e.update({k: str(v) for k, v in extra.items()})
-    return e
-
-
-def launch(command, port, **kw):
-    return subprocess.Popen([str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring",
-                             "--starting-port", str(port), *command],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+def launch(command, **extra_env):
+    """Two ranks of `command` under mlx.launch on loopback."""
+    return subprocess.Popen(launch_command(2, command), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=launch_env(**extra_env))
 
 
 SPY = """
@@ -150,6 +203,7 @@ app(sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, dense, tmp_path):
     """mlx.launch -n 2 --backend ring: after every step both ranks hold bitwise identical
     adapters; rank 0 alone writes the run; the result is the 1-process run's."""
@@ -158,8 +212,7 @@ def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, den
     spy.mkdir()
     out = tmp_path / "two"
     proc = launch([sys.executable, str(tmp_path / "spy.py"), str(spy),
-                   *train_args(tiny_model_dir, dense, out, 3, save_every=3)], free_ports(),
-                  env=env())
+                   *train_args(tiny_model_dir, dense, out, 3, save_every=3)])
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "exited with code" not in stderr, stdout + stderr
     for step in (1, 2, 3):
@@ -188,8 +241,7 @@ def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, den
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-4, rtol=0)
     # --resume on 2 ranks: rank 0 reads config + checkpoint and sends them to rank 1
-    proc = launch(["tokenrl-mlx", "train", "--resume", str(out), "--steps", "4"], free_ports(),
-                  env=env())
+    proc = launch(["tokenrl-mlx", "train", "--resume", str(out), "--steps", "4"])
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "exited with code" not in stderr, stdout + stderr
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
@@ -209,16 +261,13 @@ def wait_for_steps(metrics: Path, n: int, proc, timeout=60):
 def wait_gone(pid, timeout):
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        try:
-            os.kill(pid, 0)
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-                return time.monotonic() - start
-        except (ProcessLookupError, FileNotFoundError):
+        if not alive(pid):
             return time.monotonic() - start
         time.sleep(0.02)
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["kill -9", "freeze"])
 def test_a_dead_or_frozen_rank_ends_the_other_within_the_bound(tiny_model_dir, dense, tmp_path, how):
     """kill -9: the peer's sockets close, the survivor stops at once (under mlx.launch the
@@ -228,7 +277,7 @@ def test_a_dead_or_frozen_rank_ends_the_other_within_the_bound(tiny_model_dir, d
     out = tmp_path / "run"
     peer_timeout = 2.0
     proc = launch(["tokenrl-mlx", *train_args(tiny_model_dir, dense, out, 1000, save_every=1000)],
-                  free_ports(), env=env(TOKENRL_PEER_TIMEOUT=peer_timeout))
+                  TOKENRL_PEER_TIMEOUT=peer_timeout)
     try:
         pids = launched_rank_pids(proc, 2)
         assert len(pids) == 2, "mlx.launch did not start two ranks"
@@ -258,9 +307,10 @@ def solo_rank(args, port, rank, **extra):
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     return subprocess.Popen([str(BIN / "tokenrl-mlx"), *args], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(MLX_HOSTFILE=hostfile, MLX_RANK=rank, **extra))
+                            env=launch_env(MLX_HOSTFILE=hostfile, MLX_RANK=rank, **extra))
 
 
+@pytest.mark.slow
 def test_bad_launches_fail_with_one_line(tiny_model_dir, dense, tmp_path):
     # a host that never answers (unreachable, or its rank never started): bounded, one line
     port = free_ports()

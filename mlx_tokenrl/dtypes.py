@@ -1,0 +1,37 @@
+"""Dtype names: the float dtypes a user can pick, a checkpoint's stored dtype, the compute
+dtype, and names for any MLX dtype (for manifests sent between ranks)."""
+
+import mlx.core as mx
+
+from .backend import default_device_is_gpu
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """"bfloat16" for mx.bfloat16, "bool" for mx.bool_ (config.json's spelling)."""
+    return str(dtype).split(".")[-1]
+
+
+def named_dtype(name: str) -> mx.Dtype | None:
+    """The MLX dtype `dtype_name` calls `name`, or None."""
+    value = getattr(mx, name, None) or getattr(mx, name + "_", None)
+    return value if isinstance(value, mx.Dtype) else None
+
+
+def checkpoint_dtype(config: dict) -> mx.Dtype | None:
+    """The dtype a model's config.json says its weights are stored in (`torch_dtype`, or
+    `dtype` as newer transformers write it), or None."""
+    return named_dtype(str(config.get("torch_dtype") or config.get("dtype") or ""))
+
+
+def resolve_dtype(name, checkpoint=None):
+    """`auto`: float32 on CPU (half-precision matmul is slow there), else the checkpoint's."""
+    if name == "auto":
+        if not default_device_is_gpu():
+            return mx.float32
+        return checkpoint or mx.bfloat16
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(DTYPES)}") from None
