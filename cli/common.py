@@ -8,6 +8,7 @@ defaults).
 
 import contextlib
 import inspect
+import traceback
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,12 +16,17 @@ from typing import Annotated, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mlx_tokenrl.config import TrainConfig, config_from_dict
+from mlx_tokenrl.config import ConfigError, TrainConfig, config_from_dict, flag
+from mlx_tokenrl.models import first_line
 
 console = Console()
 err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 1  # (a malformed command line exits with click's 2)
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h): a bug, reported with its traceback
 
 
 class UserError(Exception):
@@ -28,27 +34,45 @@ class UserError(Exception):
 
 
 def user_error_types():
+    from mlx_tokenrl.gguf_import import GGUFError
     from mlx_tokenrl.models import ModelLoadError
+    from mlx_tokenrl.tasks import TaskError
 
-    types = [UserError, ModelLoadError, FileNotFoundError]
-    with contextlib.suppress(ImportError):
-        from mlx_tokenrl.tasks import TaskError
+    return UserError, ConfigError, ModelLoadError, TaskError, GGUFError
 
-        types.append(TaskError)
-    with contextlib.suppress(ImportError):
-        from mlx_tokenrl.gguf_import import GGUFError
 
-        types.append(GGUFError)
-    return tuple(types)
+def print_error(message: str):
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
-def user_errors():
+def reported_errors():
+    """A user error becomes one line and exit code 1. Anything else is a bug (MLX, for one,
+    raises shape errors as ValueError): its traceback, one line saying so, exit code 70."""
     try:
         yield
     except user_error_types() as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+        print_error(str(exc))
+        raise typer.Exit(EXIT_USER_ERROR)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception:
+        traceback.print_exc()
+        print_error("internal error (the traceback above is a bug in tokenrl-mlx, not a "
+                    "problem with your input)")
+        raise typer.Exit(EXIT_INTERNAL_ERROR)
+
+
+class Command(typer.core.TyperCommand):
+    """Reports a malformed command line (an unknown option, 'abc' for a number, a missing
+    required option) as one `error:` line like every other user error, not click's box."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except typer.TyperException as exc:  # click's UsageError family (exit code 2)
+            print_error(f"{exc.format_message()} (see: tokenrl-mlx {info_name} --help)")
+            raise typer.Exit(exc.exit_code) from None
 
 
 # ---- train and compare: options from TrainConfig, config resolution, progress ------------
@@ -112,8 +136,8 @@ def config_parameters(extra):
         panel, text = HELP[f.name]
         default = f.default if f.default is not MISSING else None
         kind = CLI_TYPES.get(f.name, type(default) if default is not None else str)
-        flag = "--" + f.name.replace("_", "-")
-        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        name = flag(f.name)
+        decls = [f"{name}/--no-{name[2:]}"] if kind is bool else [name]
         option = typer.Option(*decls, help=f"{text} (default: {default})", rich_help_panel=panel,
                               show_default=False)
         params.append(option_parameter(f.name, Annotated[Optional[kind], option]))
@@ -122,22 +146,33 @@ def config_parameters(extra):
     return params + extra
 
 
-def resolve_config(cli_values: dict, config_file: Path | None) -> TrainConfig:
-    values = {}
-    if config_file is not None:
-        if not config_file.is_file():
-            raise UserError(f"config file not found: {config_file}")
-        values = yaml.safe_load(config_file.read_text()) or {}
-        if not isinstance(values, dict):
-            raise UserError(f"{config_file}: expected a mapping of option: value")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    values.update({k: v for k, v in cli_values.items() if v is not None})
-    if isinstance(values.get("lora_keys"), str):
-        values["lora_keys"] = [k.strip() for k in values["lora_keys"].split(",") if k.strip()]
+def read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
     try:
-        return config_from_dict(values)
-    except (TypeError, ValueError) as exc:
-        raise UserError(str(exc)) from None
+        values = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or first_line(exc)
+        raise UserError(f"{path}{where}: not valid YAML ({problem})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of option: value")
+    return values
+
+
+def resolve_config(cli_values: dict, config_file: Path | None) -> TrainConfig:
+    """CLI values over the config file's over the defaults, validated."""
+    values = {} if config_file is None else read_config_file(config_file)
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    values.update({k: v for k, v in cli_values.items() if v is not None})
+    cfg = config_from_dict(values)
+    cfg.validate()
+    return cfg
 
 
 def progress_line(m: dict) -> str:

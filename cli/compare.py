@@ -9,8 +9,8 @@ from rich.table import Table
 from mlx_tokenrl.compare import run_compare
 from mlx_tokenrl.config import ALGOS
 
-from .common import (UserError, config_parameters, console, new_config, option_parameter,
-                     report_step, step_progress, user_errors)
+from .common import (config_parameters, console, new_config, option_parameter, report_step,
+                     reported_errors, step_progress)
 
 
 def print_table(rows):
@@ -36,7 +36,7 @@ def compare(**kwargs):
     compare held-out accuracy with the base model."""
     arms = [a.strip() for a in kwargs.pop("algos").split(",") if a.strip()]
     resume = kwargs.pop("resume")
-    with user_errors():
+    with reported_errors():
         kwargs["out"] = kwargs.get("out") or "runs/compare"
         cfg = new_config(kwargs)
         progress = step_progress()
@@ -66,8 +66,6 @@ def compare(**kwargs):
             except KeyboardInterrupt:
                 console.print("interrupted: continue with the same command plus --resume")
                 raise typer.Exit(130)
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
         print_table(rows)
         console.print(f"wrote {cfg.out}/compare.json, compare.md and compare.png")
 

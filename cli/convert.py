@@ -5,7 +5,10 @@ from typing import Annotated
 
 import typer
 
-from .common import console, user_errors
+from mlx_tokenrl.config import one_of, output_dir
+from mlx_tokenrl.dtypes import DTYPES
+
+from .common import UserError, console, reported_errors
 
 
 def convert_gguf(
@@ -16,8 +19,10 @@ def convert_gguf(
     """Convert a GGUF model (F32/F16/BF16/Q8_0/Q4_0/Q4_1/K-quants) to an mlx-lm directory."""
     from mlx_tokenrl.gguf_import import convert_gguf as convert
 
-    with user_errors():
+    with reported_errors():
+        one_of("dtype", dtype, tuple(DTYPES))
+        output_dir("out", out)
         if not gguf_file.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
+            raise UserError(f"GGUF file not found: {gguf_file}")
         convert(gguf_file, out, dtype=dtype)
         console.print(f"wrote {out} (use --model {out})")

@@ -5,6 +5,7 @@ import typer
 from mlx_tokenrl import backend  # noqa: F401  (fast BLAS before any mlx import)
 
 from . import compare, convert, train, use
+from .common import Command
 
 app = typer.Typer(
     name="tokenrl-mlx",
@@ -14,10 +15,10 @@ app = typer.Typer(
     add_completion=False,
 )
 
-app.command("train")(train.train)
-app.command("eval")(train.evaluate)
-app.command("compare")(compare.compare)
-app.command("convert-gguf")(convert.convert_gguf)
-app.command("fuse")(use.fuse)
-app.command("chat")(use.chat)
-app.command("generate")(use.generate)
+app.command("train", cls=Command)(train.train)
+app.command("eval", cls=Command)(train.evaluate)
+app.command("compare", cls=Command)(compare.compare)
+app.command("convert-gguf", cls=Command)(convert.convert_gguf)
+app.command("fuse", cls=Command)(use.fuse)
+app.command("chat", cls=Command)(use.chat)
+app.command("generate", cls=Command)(use.generate)

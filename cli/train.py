@@ -9,15 +9,17 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from mlx_tokenrl.config import (DTYPE_CHOICES, TrainConfig, at_least, config_from_dict, one_of,
+                                output_dir)
 from mlx_tokenrl.launch import launched_rank
-from mlx_tokenrl.config import TrainConfig, config_from_dict
 from mlx_tokenrl.trainer import train as run_training
 
 from .common import (UserError, config_parameters, console, new_config, option_parameter,
-                     report_step, step_progress, user_errors)
+                     report_step, reported_errors, step_progress)
 
 
 def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
+    """The run's saved config; --steps may extend it."""
     saved = run_dir / "config.json"
     if not saved.is_file() and (launched_rank() or 0) > 0:
         # Another host of a multi-host run: rank 0 sends its saved config and checkpoint.
@@ -28,35 +30,39 @@ def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
     if cli_values.get("steps") is not None:
         values["steps"] = cli_values["steps"]
     values["out"] = str(run_dir)
-    return config_from_dict(values)
+    cfg = config_from_dict(values)
+    cfg.validate()
+    return cfg
 
 
 def train(**kwargs):
     """Train a LoRA adapter with GRPO, S-GRPO or T-SPMO."""
     resume = kwargs.pop("resume")
-    with user_errors():
+    with reported_errors():
         if resume is not None:
             cfg = resumed_config(resume, kwargs)
         else:
             cfg = new_config(kwargs)
         main = (launched_rank() or 0) == 0  # with several ranks, rank 0 alone reports
-        progress = step_progress() if main else contextlib.nullcontext()
-        bar = progress.add_task(f"{cfg.algo} on {cfg.task}", total=cfg.steps,
-                                info="starting") if main else None
-        with progress:
+        progress = step_progress()
+        with contextlib.ExitStack() as shown:
+            def on_start(start):  # the bar appears once the task and model have loaded
+                if main:
+                    shown.enter_context(progress)
+                    progress.add_task(f"{cfg.algo} on {cfg.task}", total=cfg.steps,
+                                      completed=start, info="starting")
+
             try:
-                run_training(cfg, resume=resume is not None,
-                             on_start=lambda start: main and progress.update(bar, completed=start),
-                             on_step=lambda m: report_step(progress, bar, m))
+                run_training(cfg, resume=resume is not None, on_start=on_start,
+                             on_step=lambda m: report_step(progress, progress.task_ids[0], m))
             except KeyboardInterrupt:
+                shown.close()
                 if main:
                     console.print(f"interrupted: checkpoint saved; continue with "
-                                  f"tokenrl-mlx train --resume {cfg.out}")
+                                  f"tokenrl-mlx train --resume {cfg.out}", soft_wrap=True)
                 raise typer.Exit(130)
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
         if main:
-            console.print(f"adapter written to {cfg.out} (use --adapter {cfg.out})")
+            console.print(f"adapter written to {cfg.out} (use --adapter {cfg.out})", soft_wrap=True)
 
 
 train.__signature__ = inspect.Signature(config_parameters([option_parameter(
@@ -85,7 +91,15 @@ def evaluate(
     from mlx_tokenrl.models import load_model
     from mlx_tokenrl.tasks import load_task
 
-    with user_errors():
+    with reported_errors():
+        if limit is not None:
+            at_least("limit", limit, 1)
+        at_least("seed", seed, 0)
+        at_least("max_new_tokens", max_new_tokens, 1)
+        at_least("batch_size", batch_size, 1)
+        one_of("dtype", dtype, DTYPE_CHOICES)
+        out = out or (Path(adapter) if adapter else Path("runs")) / f"eval-{task}-{split}"
+        output_dir("out", out)
         loaded = load_task(task, data=data, digits=digits, seed=seed, reward_fn=reward_fn)
         examples = loaded.split(split)[:limit]
         if not examples:
@@ -102,7 +116,6 @@ def evaluate(
         console.print(f"accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}, "
                       f"95% CI {low:.1%}-{high:.1%}) | format rate {summary['format_rate']:.1%} | "
                       f"truncated {summary['truncation_rate']:.1%} at {max_new_tokens} tokens")
-        out = out or (Path(adapter) if adapter else Path("runs")) / f"eval-{task}-{split}"
         write_eval(out, summary, records)
         console.print(f"wrote {out}/examples.jsonl and summary.json")
         return summary

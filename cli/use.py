@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from mlx_tokenrl.models import DEFAULT_MODEL, first_line
+from mlx_tokenrl.config import DEFAULT_MODEL, above, at_least, at_most, output_dir
+from mlx_tokenrl.models import first_line
 
-from .common import UserError, err_console, user_errors
+from .common import UserError, err_console, reported_errors
 
 ModelOpt = Annotated[str, typer.Option(
     help="Base model: hub id, local mlx-lm directory, fused directory or .gguf file.")]
@@ -29,7 +30,8 @@ def fuse(
     """Merge a LoRA adapter into its base model: a standalone mlx-lm model directory."""
     from mlx_tokenrl import fuse as fusing
 
-    with user_errors():
+    with reported_errors():
+        output_dir("out", out)
         if Path(model).expanduser().resolve() == out.expanduser().resolve():
             raise UserError("--out must differ from --model: the base model would be overwritten")
         out_dir = fusing.fuse_adapter(model, adapter, out, dequantize=dequantize)
@@ -39,6 +41,14 @@ def fuse(
                 fusing.upload(out_dir, upload)
             except Exception as exc:  # auth, network, bad repo id: the fused model is still on disk
                 raise UserError(f"upload of {out_dir} to {upload} failed: {first_line(exc)}") from None
+
+
+def check_sampling(temperature: float, max_tokens: int, top_p: float = 1.0, seed: int = 0):
+    at_least("temperature", temperature, 0)
+    above("top_p", top_p, 0)
+    at_most("top_p", top_p, 1)
+    at_least("max_tokens", max_tokens, 1)
+    at_least("seed", seed, 0)
 
 
 def _load(model, adapter):
@@ -82,7 +92,8 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
 ):
     """Multi-turn chat in the terminal. /reset starts over, /exit or Ctrl-D quits."""
-    with user_errors():
+    with reported_errors():
+        check_sampling(temperature, max_tokens, top_p=top_p)
         net, tokenizer = _load(model, adapter)
         if not tokenizer.has_chat_template:
             raise UserError(f"model {model!r} has no chat template; use `generate --raw`")
@@ -127,7 +138,8 @@ def generate(
     """One-shot completion for scripts: prints only the generated text to stdout."""
     import mlx.core as mx
 
-    with user_errors():
+    with reported_errors():
+        check_sampling(temperature, max_tokens, seed=seed)
         if prompt == "-":
             prompt = sys.stdin.read()
         net, tokenizer = _load(model, adapter)

@@ -9,16 +9,17 @@ so the same command, table and plot serve a small hyperparameter sweep.
 """
 
 import json
-from dataclasses import fields, replace
+import typing
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .evaluate import evaluate, write_eval
-from .models import load_model
+from .models import check_lora_fits, load_model
 from .tasks import load_task
 from .checkpoint import latest_checkpoint
-from .config import ALGOS, TrainConfig
+from .config import ALGOS, ConfigError, TrainConfig, coerce
 from .trainer import train
 
 # What makes arms comparable: the same task, model, data order and rollout budget.
@@ -27,34 +28,26 @@ SHARED = {"task", "model", "data", "digits", "reward_fn", "seed", "steps", "prom
           "quantize", "dtype", "lora_keys"}
 
 
-def parse_value(text: str, kind: type):
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, not {text!r}")
-        return text.lower() in ("true", "1")
-    return kind(text)
-
-
 def parse_arm(spec: str) -> tuple[str, dict]:
     """'s-grpo' or 's-grpo:lr=4e-5:sgrpo-k=48' -> (arm name, TrainConfig overrides)."""
     algo, *settings = spec.strip().split(":")
     if algo not in ALGOS:
-        raise ValueError(f"--algos: unknown algorithm {algo!r} in {spec!r}; use {', '.join(ALGOS)}, "
-                         "optionally with settings, e.g. s-grpo:lr=4e-5:sgrpo-k=48")
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
+        raise ConfigError(f"--algos: unknown algorithm {algo!r} in {spec!r}; use {', '.join(ALGOS)}, "
+                          "optionally with settings, e.g. s-grpo:lr=4e-5:sgrpo-k=48")
+    kinds = typing.get_type_hints(TrainConfig)
     overrides = {"algo": algo}
     for setting in settings:
         key, sep, value = setting.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in defaults or key == "algo":
-            raise ValueError(f"--algos: {setting!r} in {spec!r} is not a setting (use name=value)")
+        if not sep or key not in kinds or key == "algo":
+            raise ConfigError(f"--algos: {setting!r} in {spec!r} is not a setting (use name=value)")
         if key in SHARED:
-            raise ValueError(f"--algos: {key.replace('_', '-')} is shared by every arm; "
-                             "set it once for the whole compare")
+            raise ConfigError(f"--algos: {key.replace('_', '-')} is shared by every arm; "
+                              "set it once for the whole compare")
         try:
-            overrides[key] = parse_value(value.strip(), type(defaults[key]))
-        except ValueError as exc:
-            raise ValueError(f"--algos: {setting!r} in {spec!r}: {exc}") from None
+            overrides[key] = coerce(key, value, kinds[key])
+        except ConfigError as exc:
+            raise ConfigError(f"--algos: {setting!r} in {spec!r}: {exc}") from None
     return spec.strip(), overrides
 
 
@@ -64,7 +57,7 @@ def arm_configs(cfg: TrainConfig, specs) -> list[tuple[str, TrainConfig]]:
     arms = [parse_arm(spec) for spec in specs]
     names = [name for name, _ in arms]
     if not arms or len(set(names)) < len(names):
-        raise ValueError("--algos: name each arm once (comma-separated)")
+        raise ConfigError("--algos: name each arm once (comma-separated)")
     out = Path(cfg.out)
     configs = [(name, replace(cfg, **overrides, out=str(out / name.replace(":", "_"))))
                for name, overrides in arms]
@@ -80,11 +73,16 @@ def read_metrics(run_dir: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def evaluate_arm(cfg: TrainConfig, adapter, eval_limit: int, out: Path, on_progress=None) -> dict:
+def evaluate_arm(cfg: TrainConfig, adapter, eval_limit: int, out: Path, on_progress=None,
+                 lora_arms=()) -> dict:
+    """Score a model (with `adapter`) and write its evaluation into `out`. `lora_arms`: arm
+    configs whose LoRA settings are checked against the model before anything is written."""
     task = load_task(cfg.task, data=cfg.data, digits=cfg.digits, seed=cfg.seed,
                      reward_fn=cfg.reward_fn)
     model, tokenizer = load_model(cfg.model, adapter_path=adapter, dtype=cfg.dtype,
                                   quantize_bits=cfg.quantize)
+    for arm_cfg in lora_arms:
+        check_lora_fits(model, arm_cfg.lora_layers, arm_cfg.lora_keys)
     summary, records = evaluate(model, tokenizer, task, task.test[:eval_limit],
                                 max_new_tokens=cfg.max_new_tokens, on_progress=on_progress)
     write_eval(out / "eval", summary, records)
@@ -126,18 +124,19 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False, on_arm=None, 
     on_eval(examples done, total)."""
     out, eval_limit = Path(cfg.out), cfg.eval_limit
     arms = arm_configs(cfg, arm_specs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare_config.json").write_text(json.dumps(
-        {"config": cfg.__dict__, "algos": [name for name, _ in arms]}, indent=2))
     rows = []
     base_dir = out / "base"
-    base_dir.mkdir(exist_ok=True)
     done = base_dir / "final_eval.json"
     finished = resume and done.exists()
     if on_arm:
         on_arm("base", None, finished)
+    # The base evaluation loads the task and the model first: bad data, model or LoRA keys
+    # stop the compare before anything is written.
     base = (json.loads(done.read_text()) if finished
-            else evaluate_arm(cfg, None, eval_limit, base_dir, on_eval))
+            else evaluate_arm(cfg, None, eval_limit, base_dir, on_eval,
+                              lora_arms=[arm_cfg for _, arm_cfg in arms]))
+    (out / "compare_config.json").write_text(json.dumps(
+        {"config": cfg.__dict__, "algos": [name for name, _ in arms]}, indent=2))
     rows.append(arm_row("base", base, [], None))
     for name, arm_cfg in arms:
         arm_dir = Path(arm_cfg.out)

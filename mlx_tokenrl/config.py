@@ -1,11 +1,70 @@
 """Every setting of a training run, in one dataclass: the CLI's options, the YAML config
 file's keys and the library's arguments are all generated from it."""
 
+import math
+import types
+import typing
 from dataclasses import dataclass, fields
+from pathlib import Path
 
-from .models import DEFAULT_MODEL
+from .dtypes import DTYPES
 
+DEFAULT_MODEL = "Qwen/Qwen2-1.5B-Instruct"
 ALGOS = ("grpo", "s-grpo", "t-spmo")
+DTYPE_CHOICES = ("auto", *DTYPES)
+QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports
+
+
+class ConfigError(ValueError):
+    """A setting the user gave is invalid (a flag, a config file value, an arm's setting):
+    the CLI reports it as one line. A ValueError, so callers that catch those still do."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def coerce(name: str, value, kind):
+    """`value` as a setting of annotated type `kind`, or ConfigError naming the setting.
+
+    Text is parsed (YAML reads `1e-5` without a dot as a string, compare's arm settings are
+    text, --lora-keys is comma-separated); nothing else is converted but int -> float."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{flag(name)}: no value given")
+    base = next(k for k in options if k is not type(None))
+    text = value.strip() if isinstance(value, str) else None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in ("true", "false", "1", "0"):
+            return text.lower() in ("true", "1")
+        raise ConfigError(f"{flag(name)}: expected true or false, not {value!r}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return int(text)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{flag(name)}: expected an integer, not {value!r}") from None
+    if base is float:
+        try:
+            number = float(text if text is not None else value)
+        except (TypeError, ValueError):
+            number = None
+        if isinstance(value, bool) or number is None or not math.isfinite(number):
+            raise ConfigError(f"{flag(name)}: expected a finite number, not {value!r}")
+        return number
+    if base == list[str]:
+        items = text.split(",") if text is not None else value
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return [item.strip() for item in items if item.strip()]
+        raise ConfigError(f"{flag(name)}: expected comma-separated names, not {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{flag(name)}: expected text, not {value!r}")
 
 
 @dataclass
@@ -59,27 +118,81 @@ class TrainConfig:
     save_every: int = 10
     out: str = "runs/latest"
 
+    def __post_init__(self):
+        """Every field holds its annotated type (text parsed), else ConfigError."""
+        kinds = typing.get_type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name), kinds[f.name]))
+
     def validate(self):
-        if self.algo not in ALGOS:
-            raise ValueError(f"unknown algo {self.algo!r}: use one of {', '.join(ALGOS)}")
-        if self.loss_norm not in ("sequence", "token"):
-            raise ValueError(f"--loss-norm must be sequence or token, not {self.loss_norm!r}")
-        if self.scale_rewards not in ("group", "none"):
-            raise ValueError(f"--scale-rewards must be group or none, not {self.scale_rewards!r}")
-        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "microbatch_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.group_size < 2:
-            raise ValueError("--group-size must be at least 2: advantages compare a group")
-        if self.sgrpo_alpha > self.sgrpo_k:
-            raise ValueError("--sgrpo-alpha must not exceed --sgrpo-k")
+        """Every value in its range, else ConfigError: before any model work."""
+        for name in ("task", "model", "digits", "out"):
+            require(bool(getattr(self, name).strip()), f"{flag(name)} must not be empty")
+        one_of("algo", self.algo, ALGOS)
+        one_of("loss_norm", self.loss_norm, ("sequence", "token"))
+        one_of("scale_rewards", self.scale_rewards, ("group", "none"))
+        one_of("dtype", self.dtype, DTYPE_CHOICES)
+        if self.quantize is not None:
+            one_of("quantize", self.quantize, QUANTIZE_BITS)
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "lora_rank", "sgrpo_k",
+                     "tspmo_max_pairs", "microbatch_rows", "eval_limit", "save_every"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("seed", "warmup_steps", "weight_decay", "grad_clip", "beta", "format_reward",
+                     "sgrpo_alpha", "tspmo_replay", "eval_every"):
+            at_least(name, getattr(self, name), 0)
+        # Sampling at temperature 0 is greedy: every completion of a group would be the same.
+        for name in ("temperature", "top_p", "lr", "lora_scale"):
+            above(name, getattr(self, name), 0)
+        at_most("top_p", self.top_p, 1)
+        at_most("sgrpo_p", self.sgrpo_p, 1)
+        at_least("sgrpo_p", self.sgrpo_p, 0)
+        require(self.group_size >= 2, f"--group-size must be at least 2 (advantages compare a "
+                                      f"group), not {self.group_size}")
+        require(self.lora_layers == -1 or self.lora_layers >= 1,
+                f"--lora-layers must be -1 (all) or at least 1, not {self.lora_layers}")
+        require(self.lora_keys is None or len(self.lora_keys) > 0, "--lora-keys names no module")
+        require(self.sgrpo_alpha <= self.sgrpo_k, "--sgrpo-alpha must not exceed --sgrpo-k")
+        require(self.algo != "s-grpo" or self.sgrpo_alpha > 0 or self.sgrpo_p > 0,
+                "--sgrpo-alpha 0 with --sgrpo-p 0 puts no token in the S-GRPO loss")
+        output_dir("out", self.out)
+
+
+# ---- range checks, shared with the CLI's own options ------------------------------------
+# Written as `not (value >= bound)` so that NaN fails them too.
+
+def require(ok: bool, message: str):
+    if not ok:
+        raise ConfigError(message)
+
+
+def at_least(name: str, value, minimum):
+    require(value >= minimum, f"{flag(name)} must be at least {minimum}, not {value}")
+
+
+def above(name: str, value, bound):
+    require(value > bound, f"{flag(name)} must be greater than {bound}, not {value}")
+
+
+def at_most(name: str, value, maximum):
+    require(value <= maximum, f"{flag(name)} must be at most {maximum}, not {value}")
+
+
+def one_of(name: str, value, allowed):
+    require(value in allowed, f"{flag(name)} must be one of {', '.join(map(str, allowed))}, "
+                              f"not {value!r}")
+
+
+def output_dir(name: str, path):
+    """An output directory may exist, but must not be a file."""
+    require(not Path(path).exists() or Path(path).is_dir(),
+            f"{flag(name)} {path} is an existing file, not a directory")
 
 
 def config_from_dict(values: dict) -> TrainConfig:
     """Build a config from a YAML/JSON mapping; keys may use dashes or underscores."""
     known = {f.name for f in fields(TrainConfig)}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
     return TrainConfig(**values)

@@ -97,6 +97,9 @@ _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
 
 
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
 class GGUFError(ValueError):
     """The GGUF file uses something this converter does not support."""
 
@@ -399,6 +402,9 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32") -> Path:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if not gguf_path.is_file():
         raise FileNotFoundError(gguf_path)
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise GGUFError(f"{gguf_path} is not a GGUF file (it does not start with 'GGUF')")
 
     dense, meta = _read_gguf(gguf_path)
     arch = meta["general.architecture"]

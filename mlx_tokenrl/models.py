@@ -6,12 +6,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .dtypes import checkpoint_dtype, resolve_dtype
 from .hub import cached_model_path, unreachable_reason
-
-DEFAULT_MODEL = "Qwen/Qwen2-1.5B-Instruct"
+from .config import DEFAULT_MODEL, ConfigError
 
 
 class ModelLoadError(Exception):
@@ -61,6 +61,8 @@ def hub_model_path(repo: str) -> str:
 def load_model(model: str = DEFAULT_MODEL, adapter_path=None, dtype: str = "auto",
                quantize_bits: int | None = None):
     """Return (model, tokenizer) ready for compute: cast, optionally quantized, adapter applied."""
+    if adapter_path is not None:  # a wrong adapter path fails before the model loads
+        check_adapter_files(adapter_path)
     path = resolve_model_path(model)
     try:
         net, tokenizer, config = mlx_lm.load(path, return_config=True)
@@ -79,13 +81,17 @@ def load_model(model: str = DEFAULT_MODEL, adapter_path=None, dtype: str = "auto
     return net, tokenizer
 
 
+def check_adapter_files(adapter_path):
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (Path(adapter_path) / name).is_file():
+            raise ModelLoadError(f"adapter {adapter_path}: missing {name}")
+
+
 def load_adapter(net, adapter_path, model_name="model"):
     from mlx_lm.tuner.utils import load_adapters
 
     adapter_path = Path(adapter_path)
-    for name in ("adapter_config.json", "adapters.safetensors"):
-        if not (adapter_path / name).is_file():
-            raise ModelLoadError(f"adapter {adapter_path}: missing {name}")
+    check_adapter_files(adapter_path)
     try:
         load_adapters(net, str(adapter_path))
     except ValueError as exc:
@@ -105,8 +111,41 @@ def lora_config(rank: int = 8, scale: float = 20.0, num_layers: int = -1,
     return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
 
 
+# The module types mlx-lm's linear_to_lora_layers adapts by default; it keeps this list
+# inside the function, so `lora_targets` repeats it to tell which --lora-keys exist.
+LORA_TYPES = (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding,
+              SwitchLinear, QuantizedSwitchLinear)
+
+
+def lora_targets(net) -> list[str]:
+    """The names --lora-keys can take: modules of a transformer block (self_attn.q_proj),
+    then modules outside the blocks (lm_head)."""
+    def adaptable(module):
+        return hasattr(module, "to_lora") or isinstance(module, LORA_TYPES)
+
+    in_blocks = {name for layer in net.layers for name, m in layer.named_modules() if adaptable(m)}
+    block_modules = {id(m) for layer in net.layers for _, m in layer.named_modules()}
+    outside = {name for name, m in net.named_modules()
+               if adaptable(m) and id(m) not in block_modules}
+    return sorted(in_blocks) + sorted(outside)
+
+
+def check_lora_fits(net, num_layers: int, keys: list[str] | None):
+    """ConfigError unless the model has `num_layers` blocks and every key names a module:
+    mlx-lm would silently adapt nothing for a key that matches no module."""
+    if num_layers > len(net.layers):
+        raise ConfigError(f"--lora-layers {num_layers}: the model has {len(net.layers)} "
+                          f"transformer blocks")
+    targets = lora_targets(net)
+    unknown = [k for k in keys or () if k not in targets]
+    if unknown:
+        raise ConfigError(f"--lora-keys {','.join(unknown)} matches no layer of the model; "
+                          f"it has {','.join(targets)}")
+
+
 def add_lora(net, config: dict):
     """Freeze the base and insert LoRA layers as mlx-lm's own trainer does."""
+    check_lora_fits(net, config["num_layers"], config["lora_parameters"].get("keys"))
     net.freeze()
     num_layers = config["num_layers"]
     if num_layers < 0:

@@ -13,6 +13,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import adapter_weights
+from .config import ConfigError
 from .distributed import World
 
 
@@ -50,7 +51,7 @@ def check_configs_agree(cfg, world: World):
         values = [c.get(key) for c in configs]
         if any(v != values[0] for v in values):
             differ.append(f"{key} (" + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(values)) + ")")
-    raise ValueError("the ranks were started with different configurations: " + "; ".join(differ))
+    raise ConfigError("the ranks were started with different configurations: " + "; ".join(differ))
 
 
 def check_inputs_agree(model, task, world: World, timeout: float):
@@ -59,7 +60,7 @@ def check_inputs_agree(model, task, world: World, timeout: float):
     digests = world.digests(ours, "the start barrier (ranks loading the model)", timeout)
     bad = [r for r, d in enumerate(digests) if d != digests[0]]
     if bad:
-        raise ValueError(f"rank(s) {', '.join(map(str, bad))} loaded a different base model or "
+        raise ConfigError(f"rank(s) {', '.join(map(str, bad))} loaded a different base model or "
                          f"dataset than rank 0: every host needs the same model and data files")
 
 

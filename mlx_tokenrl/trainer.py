@@ -29,7 +29,7 @@ from .checkpoint import (atomic_write_bytes, latest_checkpoint, load_checkpoint,
 from .distributed import World, as_world, init_world, start_timeout
 from .evaluate import evaluate, summary_from_counts
 from .loss import LossRow, attach_ref_logprobs, make_loss_and_grad, make_microbatches, normalisation_weights
-from .config import TrainConfig, config_from_dict
+from .config import ConfigError, TrainConfig, config_from_dict
 from .models import add_lora, load_model, lora_config, save_adapter_config
 from .rewards import with_format_bonus
 from .rollout import SamplingParams, encode_prompts, rollout
@@ -224,9 +224,9 @@ def make_optimizer(cfg: TrainConfig):
 
 def check_batch_fits(cfg: TrainConfig, world: World):
     if cfg.prompts_per_step < world.size():
-        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step} is smaller than the "
-                         f"number of ranks ({world.size()}): every rank needs at least one "
-                         f"prompt per step")
+        raise ConfigError(f"--prompts-per-step {cfg.prompts_per_step} is smaller than the "
+                          f"number of ranks ({world.size()}): every rank needs at least one "
+                          f"prompt per step")
 
 
 def prepare_run(cfg: TrainConfig, resume: bool):
@@ -381,7 +381,8 @@ def run_eval(model, tokenizer, task, cfg, world=None):
 def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None):
     """Run (or continue) training; `on_step(metrics)` is called on every rank-0 step.
 
-    Ctrl-C saves a checkpoint of the last finished step and returns cleanly.
+    Ctrl-C, or an error inside a step, saves a checkpoint of the last finished step and
+    re-raises.
     """
     world, task, model, tokenizer, optimizer, start, cfg = prepare_run(cfg, resume)
     out = Path(cfg.out)
@@ -411,7 +412,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None):
                     save_checkpoint(out, done, model, optimizer, state)
                 if on_step:
                     on_step(metrics)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception):
         if is_main and done > start:
             save_checkpoint(out, done, model, optimizer, state)
         raise

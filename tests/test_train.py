@@ -119,7 +119,7 @@ def test_cli_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path, monkeypatch
     assert result.exit_code == 1 and "no such mlx-lm model directory" in result.output
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["train", "multiply", "--algo", "ppo", "--model", str(tiny_model_dir)])
-    assert result.exit_code == 1 and "unknown algo" in result.output
+    assert result.exit_code == 1 and "--algo must be one of" in result.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "answer": "1"}\n{not json\n')
     result = runner.invoke(app, ["eval", "jsonl", "--data", str(bad), "--model", str(tiny_model_dir)])

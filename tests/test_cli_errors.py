@@ -1,0 +1,222 @@
+"""Bad input to any command: one `error:` line on stderr, a non-zero exit, no traceback, and
+nothing written, before any training (the few checks that need the model load it first)."""
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from tokenrl_cli.main import app
+
+# Files each case may refer to, made in an empty working directory before the command runs.
+INPUTS = {
+    "broken.yaml": "steps: [1, 2\n",
+    "wrong_type.yaml": "task: multiply\nsteps: abc\n",
+    "list.yaml": "- task\n- multiply\n",
+    "unknown_key.yaml": "task: multiply\nlearning_rate: 1e-5\n",
+    "nan.yaml": "task: multiply\nlr: .nan\n",
+    "not_a_model.gguf": "this is text, not a GGUF file\n",
+    "taken": "an existing file, not a directory\n",
+}
+
+TRAIN = ["train", "multiply", "--digits", "1x1", "--model", "MODEL", "--out", "out"]
+EVAL = ["eval", "multiply", "--digits", "1x1", "--model", "MODEL", "--out", "out"]
+COMPARE = ["compare", "multiply", "--digits", "1x1", "--model", "MODEL", "--out", "out"]
+GENERATE = ["generate", "--prompt", "hi", "--model", "MODEL"]
+CHAT = ["chat", "--model", "MODEL"]
+FUSE = ["fuse", "--model", "MODEL", "--adapter", "ADAPTER"]
+CONVERT = ["convert-gguf", "not_a_model.gguf", "--out", "out"]
+
+def needs_model(args, message):
+    """A case that can only be told once the model is loaded."""
+    return args, message, True
+
+
+CASES = [
+    # the cases of issue 13
+    (EVAL + ["--limit", "0"], "--limit must be at least 1, not 0"),
+    (EVAL + ["--limit", "-3"], "--limit must be at least 1, not -3"),
+    (TRAIN + ["--lr", "0"], "--lr must be greater than 0"),
+    (TRAIN + ["--lr", "-1e-5"], "--lr must be greater than 0"),
+    (TRAIN + ["--temperature", "0"], "--temperature must be greater than 0"),
+    (GENERATE + ["--temperature", "-1"], "--temperature must be at least 0"),
+    (TRAIN + ["--lora-rank", "0"], "--lora-rank must be at least 1"),
+    (TRAIN + ["--tspmo-max-pairs", "-2"], "--tspmo-max-pairs must be at least 1"),
+    (TRAIN + ["--top-p", "1.5"], "--top-p must be at most 1, not 1.5"),
+    (TRAIN + ["--sgrpo-p", "1.2"], "--sgrpo-p must be at most 1, not 1.2"),
+    needs_model(TRAIN + ["--lora-keys", "self_attn.q_proj,self_attn.nope"],
+     "--lora-keys self_attn.nope matches no layer of the model; it has mlp.down_proj,"),
+    (["train", "--config", "broken.yaml"], "broken.yaml, line 2: not valid YAML"),
+    (["train", "--config", "wrong_type.yaml", "--model", "MODEL", "--out", "out"],
+     "--steps: expected an integer, not 'abc'"),
+    (TRAIN + ["--dtype", "fp8"], "--dtype must be one of auto, float32, float16, bfloat16"),
+    (CONVERT, "not_a_model.gguf is not a GGUF file"),
+    (TRAIN[:-1] + ["taken"], "--out taken is an existing file, not a directory"),
+    # config files
+    (["train", "--config", "list.yaml"], "list.yaml: expected a mapping of option: value"),
+    (["train", "--config", "unknown_key.yaml"], "unknown config keys: learning_rate"),
+    (["train", "--config", "nan.yaml"], "--lr: expected a finite number, not nan"),
+    (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+    (["train"], "name a task"),
+    # every other training setting out of range
+    (TRAIN + ["--steps", "0"], "--steps must be at least 1"),
+    (TRAIN + ["--prompts-per-step", "0"], "--prompts-per-step must be at least 1"),
+    (TRAIN + ["--group-size", "1"], "--group-size must be at least 2"),
+    (TRAIN + ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (TRAIN + ["--top-p", "0"], "--top-p must be greater than 0"),
+    (TRAIN + ["--seed", "-1"], "--seed must be at least 0"),
+    (TRAIN + ["--lr", "nan"], "--lr: expected a finite number, not nan"),
+    (TRAIN + ["--warmup-steps", "-1"], "--warmup-steps must be at least 0"),
+    (TRAIN + ["--weight-decay", "-0.1"], "--weight-decay must be at least 0"),
+    (TRAIN + ["--grad-clip", "-1"], "--grad-clip must be at least 0"),
+    (TRAIN + ["--beta", "-0.1"], "--beta must be at least 0"),
+    (TRAIN + ["--format-reward", "-1"], "--format-reward must be at least 0"),
+    (TRAIN + ["--algo", "ppo"], "--algo must be one of grpo, s-grpo, t-spmo, not 'ppo'"),
+    (TRAIN + ["--loss-norm", "mean"], "--loss-norm must be one of sequence, token"),
+    (TRAIN + ["--scale-rewards", "std"], "--scale-rewards must be one of group, none"),
+    (TRAIN + ["--lora-scale", "0"], "--lora-scale must be greater than 0"),
+    (TRAIN + ["--lora-layers", "0"], "--lora-layers must be -1 (all) or at least 1"),
+    needs_model(TRAIN + ["--lora-layers", "3"], "--lora-layers 3: the model has 2 transformer blocks"),
+    (TRAIN + ["--lora-keys", ","], "--lora-keys names no module"),
+    (TRAIN + ["--quantize", "7"], "--quantize must be one of 2, 3, 4, 5, 6, 8, not 7"),
+    (TRAIN + ["--sgrpo-alpha", "-1"], "--sgrpo-alpha must be at least 0"),
+    (TRAIN + ["--sgrpo-k", "0"], "--sgrpo-k must be at least 1"),
+    (TRAIN + ["--sgrpo-alpha", "30"], "--sgrpo-alpha must not exceed --sgrpo-k"),
+    (TRAIN + ["--algo", "s-grpo", "--sgrpo-alpha", "0", "--sgrpo-p", "0"], "no token in the S-GRPO"),
+    (TRAIN + ["--sgrpo-p", "-0.5"], "--sgrpo-p must be at least 0"),
+    (TRAIN + ["--tspmo-replay", "-1"], "--tspmo-replay must be at least 0"),
+    (TRAIN + ["--microbatch-rows", "0"], "--microbatch-rows must be at least 1"),
+    (TRAIN + ["--eval-every", "-1"], "--eval-every must be at least 0"),
+    (TRAIN + ["--eval-limit", "0"], "--eval-limit must be at least 1"),
+    (TRAIN + ["--save-every", "0"], "--save-every must be at least 1"),
+    (TRAIN + ["--reward-fn", "nowhere.py:score"], "cannot import reward function"),
+    (["train", "gsm9k", "--model", "MODEL", "--out", "out"], "unknown task 'gsm9k'"),
+    (["train", "--resume", "out"], "--resume out: no config.json there"),
+    # a malformed command line: click's errors, as one line too
+    (TRAIN + ["--steps", "abc"], "Invalid value for '--steps'"),
+    (TRAIN + ["--no-such-flag"], "No such option: --no-such-flag"),
+    (["fuse", "--out", "out"], "Missing option '--adapter'"),
+    # compare
+    (COMPARE + ["--algos", "grpo,ppo"], "--algos: unknown algorithm 'ppo'"),
+    (COMPARE + ["--algos", "s-grpo:lr=abc"], "--lr: expected a finite number, not 'abc'"),
+    (COMPARE + ["--algos", "s-grpo:sgrpo-p=2"], "--sgrpo-p must be at most 1"),
+    (COMPARE + ["--group-size", "1"], "--group-size must be at least 2"),
+    needs_model(COMPARE + ["--lora-keys", "attn.q"], "--lora-keys attn.q matches no layer"),
+    (COMPARE[:-1] + ["taken"], "--out taken is an existing file"),
+    # eval
+    (EVAL + ["--batch-size", "0"], "--batch-size must be at least 1"),
+    (EVAL + ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (EVAL + ["--seed", "-1"], "--seed must be at least 0"),
+    (EVAL + ["--dtype", "half"], "--dtype must be one of auto, float32, float16, bfloat16"),
+    (EVAL + ["--split", "dev"], "unknown split 'dev'"),
+    (EVAL + ["--adapter", "no-adapter"], "adapter no-adapter: missing adapter_config.json"),
+    (EVAL[:-1] + ["taken"], "--out taken is an existing file"),
+    # generate, chat
+    (GENERATE + ["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (GENERATE + ["--seed", "-1"], "--seed must be at least 0"),
+    needs_model(GENERATE + ["--raw", "--system", "be brief"], "--system needs the chat template"),
+    (CHAT + ["--top-p", "0"], "--top-p must be greater than 0"),
+    (CHAT + ["--top-p", "1.01"], "--top-p must be at most 1"),
+    (CHAT + ["--temperature", "-0.5"], "--temperature must be at least 0"),
+    (CHAT + ["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (CHAT + ["--adapter", "no-adapter"], "adapter no-adapter: missing adapter_config.json"),
+    # fuse, convert-gguf
+    (FUSE + ["--out", "taken"], "--out taken is an existing file"),
+    (["fuse", "--model", "MODEL", "--adapter", "no-adapter", "--out", "out"],
+     "adapter no-adapter: missing adapter_config.json"),
+    (CONVERT + ["--dtype", "int4"], "--dtype must be one of float32, float16, bfloat16"),
+    (["convert-gguf", "missing.gguf", "--out", "out"], "GGUF file not found: missing.gguf"),
+    (CONVERT[:-1] + ["taken"], "--out taken is an existing file"),
+]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A real adapter for the tiny model (fuse needs one to get as far as --out)."""
+    from mlx_tokenrl.models import add_lora, load_model, lora_config, save_adapter_config
+    from mlx_tokenrl.checkpoint import adapter_weights
+    import mlx.core as mx
+
+    out = tmp_path_factory.mktemp("adapter")
+    net, _ = load_model(str(tiny_model_dir))
+    config = lora_config(rank=2)
+    add_lora(net, config)
+    mx.save_safetensors(str(out / "adapters.safetensors"), adapter_weights(net))
+    save_adapter_config(out, config, str(tiny_model_dir))
+    return out
+
+
+def snapshot(root):
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+CASES = [case if len(case) == 3 else (*case, False) for case in CASES]
+
+
+@pytest.mark.parametrize("args, message, model_needed", CASES,
+                         ids=[" ".join(a[:1] + a[-2:]) for a, _, _ in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(args, message, model_needed, tiny_model_dir,
+                                                  adapter_dir, tmp_path, monkeypatch):
+    import mlx_lm
+
+    from mlx_tokenrl import models
+
+    loads, real_load = [], mlx_lm.load
+    monkeypatch.setattr(models.mlx_lm, "load", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, text in INPUTS.items():
+        (tmp_path / name).write_text(text)
+    before = snapshot(tmp_path)
+    args = [{"MODEL": str(tiny_model_dir), "ADAPTER": str(adapter_dir)}.get(a, a) for a in args]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code not in (0, 70), result.output
+    errors = result.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: "), result.stderr
+    assert message in errors[0]
+    assert "Traceback" not in result.output
+    assert snapshot(tmp_path) == before  # nothing written, and the existing file untouched
+    assert bool(loads) == model_needed  # no model work for what the input alone tells
+
+
+def test_an_internal_error_keeps_its_traceback(tiny_model_dir, tmp_path, monkeypatch):
+    """A ValueError from inside a step (as MLX raises shape errors) is a bug, not bad input:
+    its traceback and exit code 70. The steps finished before it are checkpointed."""
+    from mlx_tokenrl import trainer
+
+    real = trainer.run_step
+
+    def broken_third_step(*args):
+        if args[-1] == 2:  # the 0-based step index
+            raise ValueError("[reshape] Cannot reshape array of size 6 into shape (4).")
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "run_step", broken_third_step)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "multiply", "--digits", "1x1", "--model",
+                                      str(tiny_model_dir), "--steps", "5", "--group-size", "2",
+                                      "--prompts-per-step", "1", "--max-new-tokens", "4",
+                                      "--out", str(out)])
+    assert result.exit_code == 70
+    assert "Traceback" in result.stderr and "broken_third_step" in result.stderr
+    assert "ValueError: [reshape] Cannot reshape" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: internal error")
+    assert (out / "checkpoints" / "latest").read_text() == "step-000002"
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("command", [["compare", "--algos", "grpo"], ["eval"]])
+def test_internal_errors_of_compare_and_eval_keep_their_traceback(command, tiny_model_dir,
+                                                                    tmp_path, monkeypatch):
+    from mlx_tokenrl import evaluate
+
+    def broken(*args, **kwargs):
+        raise ValueError("[matmul] Last dimension of first input with shape (1,3) must match")
+
+    monkeypatch.setattr(evaluate, "rollout", broken)
+    result = CliRunner().invoke(app, [command[0], "multiply", *command[1:], "--model",
+                                      str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 70
+    assert "Traceback" in result.stderr and "ValueError: [matmul]" in result.stderr
