@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mlx_tokenrl.config import (DTYPE_CHOICES, TrainConfig, at_least, config_from_dict, one_of,
-                                output_dir)
+from mlx_tokenrl.checkpoint import latest_checkpoint
+from mlx_tokenrl.config import (DTYPE_CHOICES, TrainConfig, at_least, config_from_dict, flag,
+                                one_of, output_dir)
 from mlx_tokenrl.launch import launched_rank
 from mlx_tokenrl.trainer import train as run_training
 
@@ -19,7 +20,13 @@ from .common import (UserError, config_parameters, console, new_config, option_p
 
 
 def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
-    """The run's saved config; --steps may extend it."""
+    """The run's saved config. --steps is the one setting a resume may change (the trainer
+    saves it into config.json, so a later plain --resume keeps it)."""
+    given = [("TASK" if k == "task" else flag(k)) for k, v in cli_values.items()
+             if v is not None and k != "steps"]
+    if given:
+        raise UserError(f"--resume continues with the run's saved settings; only --steps may "
+                        f"change (drop {', '.join(given)})")
     saved = run_dir / "config.json"
     if not saved.is_file() and (launched_rank() or 0) > 0:
         # Another host of a multi-host run: rank 0 sends its saved config and checkpoint.
@@ -35,12 +42,26 @@ def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
     return cfg
 
 
+def finished_steps(run_dir: Path) -> int:
+    """Steps in the run's last complete checkpoint (0 if none)."""
+    checkpoint = latest_checkpoint(run_dir)
+    return json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
+
+
 def train(**kwargs):
     """Train a LoRA adapter with GRPO, S-GRPO or T-SPMO."""
     resume = kwargs.pop("resume")
     with reported_errors():
         if resume is not None:
             cfg = resumed_config(resume, kwargs)
+            done = finished_steps(resume)
+            if done > cfg.steps:
+                raise UserError(f"--steps {cfg.steps}: the run in {resume} has already "
+                                f"finished {done} steps")
+            if done == cfg.steps:  # nothing to do: leave the run's files as they are
+                console.print(f"{resume}: already at step {done} of {cfg.steps} (extend it "
+                              f"with --resume {resume} --steps N)", soft_wrap=True)
+                return
         else:
             cfg = new_config(kwargs)
         main = (launched_rank() or 0) == 0  # with several ranks, rank 0 alone reports

@@ -261,9 +261,10 @@ def prepare_run(cfg: TrainConfig, resume: bool):
             start = load_checkpoint(ckpt, model, optimizer)["step"]
     elif not resume and world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.json", json.dumps(asdict(cfg), indent=2).encode())
         save_adapter_config(out, lcfg, cfg.model)
         (out / "metrics.jsonl").write_text("")
+    if world.is_main:  # also on resume: --steps may have changed, and a plain --resume keeps it
+        atomic_write_bytes(out / "config.json", json.dumps(asdict(cfg), indent=2).encode())
     if world.size() > 1:
         check_inputs_agree(model, task, world, start_timeout())
         start = int(world.broadcast_json(start, "the resume-step broadcast"))

@@ -66,6 +66,53 @@ def test_resume_continues_exactly(tiny_model_dir, dense_task, tmp_path):
     assert any(float(mx.abs(v).max()) > 0 for k, v in a.items() if k.endswith("lora_b"))
 
 
+def cli_train(*args):
+    return CliRunner().invoke(app, ["train", *map(str, args)])
+
+
+def test_resume_keeps_an_extended_step_count(tiny_model_dir, dense_task, tmp_path, monkeypatch):
+    """Extend a finished run with --steps, Ctrl-C, then the printed resume command (no
+    --steps) trains up to the extended count (it used to show 4/3 and train nothing)."""
+    out = tmp_path / "run"
+    task = [dense_task["task"], "--data", dense_task["data"], "--reward-fn", dense_task["reward_fn"]]
+    result = cli_train(*task, "--model", tiny_model_dir, "--steps", 3, "--prompts-per-step", 2,
+                       "--group-size", 4, "--max-new-tokens", 8, "--save-every", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    real = trainer.run_step
+
+    def ctrl_c_in_step_5(*args):
+        if args[-1] == 4:  # the 0-based step index
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(trainer, "run_step", ctrl_c_in_step_5)
+    result = cli_train("--resume", out, "--steps", 6)
+    assert result.exit_code == 130 and f"tokenrl-mlx train --resume {out}" in result.output
+    assert json.loads((out / "config.json").read_text())["steps"] == 6
+    assert (out / "checkpoints" / "latest").read_text() == "step-000004"
+    monkeypatch.setattr(trainer, "run_step", real)
+    result = cli_train("--resume", out)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert (out / "checkpoints" / "latest").read_text() == "step-000006"
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_model_dir, dense_task, tmp_path):
+    out = train(config(tiny_model_dir, dense_task, tmp_path / "done", steps=2, save_every=1,
+                       algo="grpo"))
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    result = cli_train("--resume", out)
+    assert result.exit_code == 0, result.output
+    assert f"{out}: already at step 2 of 2" in result.stdout
+    for args, message in [(["--steps", 1], "--steps 1: the run in"),
+                          (["--lr", "1e-3"], "only --steps may change (drop --lr)"),
+                          (["--steps", 0], "--steps must be at least 1")]:
+        result = cli_train("--resume", out, *args)
+        assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
+        assert message in result.stderr
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
+
+
 def test_non_finite_gradients_never_reach_the_adapter(tiny_model_dir, dense_task, tmp_path,
                                                       monkeypatch):
     real = trainer.loss_and_grads
