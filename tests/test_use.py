@@ -181,3 +181,28 @@ def test_missing_adapter_files_are_reported(dirs, tmp_path):
     result = run("fuse", "--model", dirs["base"], "--adapter", tmp_path / "nope",
                  "--out", tmp_path / "out")
     assert result.exit_code == 1 and "adapter" in result.stderr and "missing" in result.stderr
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_slow_cpu_precisions_warn_once(dirs, gpu, monkeypatch, capsys):
+    """Half precision and quantized matmuls are 16-37x slower than float32 on MLX's CPU
+    backend: asking for them there warns once per process, on Metal never."""
+    from mlx_tokenrl import backend, models
+
+    monkeypatch.setattr(backend, "default_device_is_gpu", lambda: gpu)
+    models.warn_once.cache_clear()
+    result = run("eval", "multiply", "--digits", "1x1", "--model", dirs["base"], "--limit", 1,
+                 "--max-new-tokens", 2, "--dtype", "bfloat16", "--out", dirs["root"] / "eval-bf16")
+    assert result.exit_code == 0, result.output
+    for _ in range(2):
+        load_model(dirs["base"], dtype="float16", quantize_bits=8)
+        load_model(dirs["base"], dtype="float32")
+    warnings = [line for line in result.stderr.splitlines() + capsys.readouterr().err.splitlines()
+                if line.startswith("warning:")]
+    expected = ["warning: bfloat16 on MLX's CPU backend is ~16x slower than float32 here; use "
+                "--dtype float32 (auto)",
+                "warning: float16 on MLX's CPU backend is ~23x slower than float32 here; use "
+                "--dtype float32 (auto)",
+                "warning: --quantize 8 on MLX's CPU backend is ~37x slower than float32 here; "
+                "leave --quantize out"]
+    assert warnings == ([] if gpu else expected)
