@@ -4,8 +4,8 @@
 
 over selected tokens s, with normalisation weights w_s from `normalisation_weights`. The
 transformer runs only up to each row's last selected position (rows are cropped), and the
-LM head + log-softmax are applied to the selected positions' hidden states only, so an
-S-GRPO / T-SPMO step never materialises full-vocabulary logits for every position.
+model's own output head + log-softmax are applied to the selected positions' hidden states
+only, so an S-GRPO / T-SPMO step never materialises full-vocabulary logits for every position.
 Shapes are bucketed (width to a multiple of 16, selections to a power of two, a fixed
 number of rows per microbatch) so the compiled step is reused across steps.
 """
@@ -17,6 +17,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .models import ModelLoadError, model_type
 
 WIDTH_BUCKET = 16
 MIN_SELECTIONS = 32
@@ -102,19 +104,96 @@ def make_microbatches(loss_rows, triples, weights, rows_per_batch: int):
     return batches
 
 
-def lm_head(model, hidden):
-    if getattr(model.args, "tie_word_embeddings", False):
-        return model.model.embed_tokens.as_linear(hidden)
-    return model.lm_head(hidden)
+def _slot_holding(model, target):
+    """(module, key) of the module in `model` whose child `key` is `target` or a list of
+    layers holding it."""
+    for _, module in model.named_modules():
+        for key, value in module.items():
+            if value is target or (isinstance(value, list) and any(v is target for v in value)):
+                return module, key
+    raise ModelLoadError(f"model type {model_type(model)!r}: cannot find its transformer body")
+
+
+def body_and_head(model):
+    """The transformer body (the module holding the layers) and the module whose `__call__`
+    is `body(inputs, cache, ...)` followed by the output head, with the body's key in it.
+
+    Found by identity from `model.layers` rather than by name, so a body called `model`,
+    `transformer` or `backbone`, or one inside a wrapper (`language_model`), is found alike."""
+    body, _ = _slot_holding(model, model.layers[0])
+    head, key = _slot_holding(model, body)
+    return body, head, key
+
+
+class _BodyOutput:
+    """Stands in for a transformer body: calling it returns hidden states computed before,
+    and any other attribute (`embed_tokens` of a tied head, `args.logit_scale`) is the real
+    body's, so the head reads the real (and, under value_and_grad, traced) weights."""
+
+    def __init__(self, body, hidden):
+        self._body, self._hidden = body, hidden
+
+    def __call__(self, *args, **kwargs):
+        return self._hidden
+
+    def __getattr__(self, name):
+        return getattr(self._body, name)
+
+
+def apply_head(head, key, body, hidden):
+    """`head`'s own output on (1, S, hidden) states: its `__call__` runs with the body slot
+    holding a stand-in that returns them.
+
+    Why not call `model.lm_head` ourselves: the head is whatever a model family does after
+    its body (tied or untied projection, gemma2's final logit soft-capping, cohere's logit
+    scale, minicpm's width scaling, ...), written in that family's `__call__` and nowhere
+    else. Running that code is the only way to get every variant without a copy per family,
+    and running it on picked states (not `model(x)` at every position) keeps the loss's
+    saving: full-vocabulary logits only where a token was selected.
+    The slot is swapped in place in the module's dict (dict.__setitem__: setattr would pop
+    and re-insert the key, leaving the model's parameter tree in another order)."""
+    dict.__setitem__(head, key, _BodyOutput(body, hidden))
+    try:
+        # The inputs are never read: the stand-in ignores them. Only their shape is plausible.
+        return head(mx.zeros(hidden.shape[:2], dtype=mx.int32))
+    finally:
+        dict.__setitem__(head, key, body)
 
 
 def selected_logprobs(model, batch: MicroBatch) -> mx.array:
-    """log pi(target | context) at the selected positions only."""
-    hidden = model.model(batch.inputs)
-    picked = hidden[batch.rows, batch.cols]
-    logits = lm_head(model, picked).astype(mx.float32)
+    """log pi(target | context) at the selected positions only: the body runs once over the
+    cropped rows, the model's own head only on the selected positions' hidden states."""
+    body, head, key = body_and_head(model)
+    picked = body(batch.inputs)[batch.rows, batch.cols]
+    logits = apply_head(head, key, body, picked[None])[0].astype(mx.float32)
     target_logits = mx.take_along_axis(logits, batch.targets[:, None], axis=-1)[:, 0]
     return target_logits - mx.logsumexp(logits, axis=-1)
+
+
+def check_selected_logprobs(model, length: int = 8):
+    """Start-up check: on a short input, the loss's log-probs equal the model's own
+    (log_softmax of `model(x)`), at each position's most likely token and at random ones.
+    Refuses a model whose output head cannot be run on picked hidden states (one line).
+
+    The body sees the same input both ways, so only the head's rounding can differ: the
+    tolerance is 1e-4 plus two units in the last place of the logits' dtype at their size."""
+    x = mx.arange(1, length + 1, dtype=mx.int32)[None]
+    logits = model(x)[0]
+    full = nn.log_softmax(logits.astype(mx.float32), axis=-1)
+    half = length // 2
+    random_ids = np.random.default_rng(0).integers(0, full.shape[-1], length - half)
+    targets = mx.concatenate([mx.argmax(full[:half], axis=-1).astype(mx.int32),
+                              mx.array(random_ids, dtype=mx.int32)])
+    positions = mx.arange(length, dtype=mx.int32)
+    ones = mx.ones(length)
+    batch = MicroBatch(x, mx.zeros(length, dtype=mx.int32), positions, targets, ones, ones)
+    expected = full[positions, targets]
+    error = mx.abs(selected_logprobs(model, batch) - expected).max().item()
+    tolerance = 1e-4 + 2 * mx.finfo(logits.dtype).eps * mx.abs(logits).max().item()
+    if not error <= tolerance:
+        raise ModelLoadError(
+            f"model type {model_type(model)!r}: the loss's log-probs differ from the model's "
+            f"own by {error:.3g} (tolerance {tolerance:.3g}); its output head is not supported")
 
 
 def policy_loss(model, batch: MicroBatch, beta: float = 0.0) -> mx.array:

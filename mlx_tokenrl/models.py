@@ -21,6 +21,11 @@ class ModelLoadError(Exception):
     """One-line, user-facing reason a model or adapter could not be loaded."""
 
 
+def model_type(net) -> str:
+    """config.json's model_type of a loaded mlx-lm model (its module name if it keeps none)."""
+    return getattr(net, "model_type", None) or type(net).__module__.rsplit(".", 1)[-1]
+
+
 def first_line(exc: BaseException) -> str:
     """A one-line reason from an exception whose message may span lines (or be empty)."""
     text = str(exc).strip()

@@ -4,8 +4,8 @@ Why our own decode loop instead of `mlx_lm.batch_generate`: measured on SmolLM2-
 CPU, batch_generate spends more time around the model (per-sequence bookkeeping,
 detokenising every step, stop-condition checks) than in it. RL needs none of that per step:
 we keep token ids on the device, look at them once per step as one small host array, and
-detokenise once at the end. The model, its KV caches (`BatchKVCache`) and top-p filter
-are mlx-lm's.
+detokenise once at the end. The model, its cache (mlx-lm's factory, batched as
+`BatchKVCache`) and top-p filter are mlx-lm's.
 
 Each prompt is prefilled once; its KV rows are then repeated for its G completions.
 Finished rows are dropped from the batch (cache compaction) so a few long completions do
@@ -17,9 +17,12 @@ batch or when rows are compacted.
 from dataclasses import dataclass
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p
+
+from .models import ModelLoadError, first_line, model_type
 
 # Drop finished rows once at least this share of the batch has finished: compaction copies
 # the KV cache, so doing it for every single finished row would cost more than it saves.
@@ -72,10 +75,31 @@ def _left_pad(sequences, pad_id: int = 0):
     return mx.array(batch), padding
 
 
+def batch_cache(model, left_padding):
+    """The model's own cache (mlx-lm's factory: one entry per cached layer, which need not
+    be one per layer), batched for left-padded rows.
+
+    Only a plain `KVCache` on every layer: its batched form, `BatchKVCache` (what
+    `KVCache.merge` builds for mlx-lm's batch generation), masks our left padding and
+    repeats and drops rows with `filter`. Other kinds are refused, since neither is known to
+    work with the left-padded prefill used here: rotating (sliding-window) caches, which
+    mlx-lm batches with right padding (`prepare`/`finalize`), and recurrent state
+    (`ArraysCache`: Mamba, hybrid models), where keeping pad tokens out of the state is up to
+    each family's own masking."""
+    layers = make_prompt_cache(model)
+    kinds = sorted({type(c).__name__ for c in layers if type(c) is not KVCache})
+    if kinds:
+        raise ModelLoadError(
+            f"model type {model_type(model)!r} is not supported: its cache has "
+            f"{', '.join(kinds)} layers (sliding-window or recurrent); batched rollouts need "
+            f"a plain KVCache on every layer")
+    return [BatchKVCache(left_padding) for _ in layers]
+
+
 def prefill(model, prompt_tokens):
     """Run every prompt once (left-padded together); return the cache and last logits."""
     batch, padding = _left_pad(prompt_tokens)
-    cache = [BatchKVCache(padding) for _ in range(len(model.layers))]
+    cache = batch_cache(model, padding)
     logits = model(batch, cache=cache)[:, -1, :]
     return cache, logits
 
@@ -85,10 +109,49 @@ def _keep_rows(cache, rows: mx.array):
         layer_cache.filter(rows)
 
 
+def check_batched_rollouts(model):
+    """Start-up check: refuse, in one line, a model whose rollouts cannot be batched.
+
+    First its cache kinds (`batch_cache`). A plain KVCache is not enough on its own: the
+    family's attention must also take the batch's left-padding mask (gemma2 with grouped-
+    query attention cannot: its 5-d attention scores do not broadcast with it). So two
+    prompts of different lengths run as `generate_tokens` runs them (prefilled together,
+    rows repeated, one dropped), and every step's log-probs are compared with the model's own
+    forward of each row alone. A wrong mask or offset moves them by whole units; the
+    tolerance allows for the rounding of the model's dtype."""
+    batch_cache(model, [0])
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    # Prompt 0 once, prompt 1 twice (a group); row 1 finishes after one token and is dropped.
+    rows = [prompts[0] + [10, 13], prompts[1] + [11], prompts[1] + [12, 14]]
+    try:
+        cache, first = prefill(model, prompts)
+        _keep_rows(cache, mx.array([0, 1, 1]))
+        second = model(mx.array([[10], [11], [12]]), cache=cache)[:, -1, :]
+        _keep_rows(cache, mx.array([0, 2]))
+        third = model(mx.array([[13], [14]]), cache=cache)[:, -1, :]
+    except ValueError as exc:  # mlx's shape errors inside the family's attention
+        raise ModelLoadError(f"model type {model_type(model)!r} is not supported: batched "
+                             f"rollouts fail in its forward ({first_line(exc)})") from None
+    batched = [[first[0], second[0], third[0]], [first[1], second[1]],
+               [first[1], second[2], third[1]]]
+    for row, steps in zip(rows, batched):
+        alone = model(mx.array(row)[None])[0, len(row) - len(steps):]
+        error = mx.abs(nn.log_softmax(mx.stack(steps).astype(mx.float32))
+                       - nn.log_softmax(alone.astype(mx.float32))).max().item()
+        tolerance = 0.05 + 8 * mx.finfo(alone.dtype).eps * mx.abs(alone).max().item()
+        if not error <= tolerance:
+            raise ModelLoadError(
+                f"model type {model_type(model)!r} is not supported: batched rollouts differ "
+                f"from its own forward by {error:.3g} in log-prob (tolerance {tolerance:.3g})")
+
+
 def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParams,
-                    eos_ids, seeds):
-    """Sample `group_size` completions per prompt; returns (tokens, truncated) per row."""
+                    eos_ids, seeds, budgets=None):
+    """Sample `group_size` completions per prompt; returns (tokens, truncated) per row.
+    `budgets` caps each prompt's completions below `params.max_new_tokens`."""
     num_rows = len(prompt_tokens) * group_size
+    budgets = [params.max_new_tokens] * len(prompt_tokens) if budgets is None else budgets
+    row_budget = np.repeat(np.minimum(budgets, params.max_new_tokens), group_size)
     cache, logits = prefill(model, prompt_tokens)
     repeat = mx.array(np.repeat(np.arange(len(prompt_tokens)), group_size))
     _keep_rows(cache, repeat)

@@ -5,6 +5,7 @@ byte-level BPE tokenizer trained here with `tokenizers`, a ChatML chat template 
 EOS token, so `mlx_lm.load` treats it like any downloaded checkpoint.
 """
 
+import importlib
 import json
 from pathlib import Path
 
@@ -88,3 +89,15 @@ def build_toy_model(path, seed: int = 0, **overrides) -> Path:
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path
+
+
+def tiny_family_model(model_type: str, seed: int = 0, **config):
+    """A tiny random in-memory model of any mlx-lm family (no tokenizer, nothing written):
+    TINY's shape plus `config`, the family's own fields (soft-capping, logit scale, ...)."""
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    args = {"model_type": model_type, "vocab_size": 320, "rms_norm_eps": 1e-6, "head_dim": 16,
+            **TINY, **config}
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(args))
+    mx.eval(model.parameters())
+    return model

@@ -28,11 +28,12 @@ from .checkpoint import (atomic_write_bytes, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .distributed import World, as_world, init_world, start_timeout
 from .evaluate import evaluate, summary_from_counts
-from .loss import LossRow, attach_ref_logprobs, make_loss_and_grad, make_microbatches, normalisation_weights
+from .loss import (LossRow, attach_ref_logprobs, check_selected_logprobs, make_loss_and_grad,
+                   make_microbatches, normalisation_weights)
 from .config import ConfigError, TrainConfig, config_from_dict
 from .models import add_lora, load_model, lora_config, save_adapter_config
 from .rewards import with_format_bonus
-from .rollout import SamplingParams, encode_prompts, rollout
+from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout
 from .selection import grpo_selection, has_signal, sgrpo_selection, tspmo_selection
 from .sync import broadcast_training_state, check_configs_agree, check_inputs_agree, ensure_ranks_agree
 from .tasks import format_prompt, load_task
@@ -250,6 +251,8 @@ def prepare_run(cfg: TrainConfig, resume: bool):
     lcfg = lora_config(cfg.lora_rank, cfg.lora_scale, cfg.lora_layers, cfg.lora_keys)
     mx.random.seed(cfg.seed)  # LoRA A's random init: same seed, same starting adapter
     add_lora(model, lcfg)
+    check_batched_rollouts(model)  # one-line refusals before any work: batched rollouts,
+    check_selected_logprobs(model)  # and the loss's use of the model's own output head
     if cfg.grad_checkpoint:
         grad_checkpoint(model.layers[0])
     optimizer = make_optimizer(cfg)

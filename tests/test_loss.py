@@ -3,9 +3,29 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models import llama
 
-from mlx_tokenrl.loss import (LossRow, attach_ref_logprobs, lora_disabled, make_loss_and_grad,
-                              make_microbatches, normalisation_weights)
+from mlx_tokenrl import loss as loss_module
+from mlx_tokenrl.loss import (LossRow, attach_ref_logprobs, check_selected_logprobs,
+                              lora_disabled, make_loss_and_grad, make_microbatches,
+                              normalisation_weights, selected_logprobs)
+from mlx_tokenrl.models import ModelLoadError, add_lora, lora_config
+from mlx_tokenrl.toy import TINY, tiny_family_model
+
+# Output heads of other mlx-lm families, each applied in its own Model.__call__ after the body.
+# Soft-cap and scale are set so that leaving them out changes log-probs far beyond rounding.
+HEADS = {
+    "llama, tied": ("llama", {}),
+    "llama, untied lm_head": ("llama", {"tie_word_embeddings": False}),
+    "phi3, untied lm_head": ("phi3", {}),
+    "gemma2, final logit soft-capping": ("gemma2", {"final_logit_softcapping": 2.0}),
+    "cohere, logit scale": ("cohere", {"logit_scale": 0.25}),
+    "minicpm, width-scaled head": ("minicpm", {"dim_model_base": 16, "scale_depth": 1.4,
+                                               "scale_emb": 12}),
+    "gemma3, body inside a wrapper": ("gemma3", {"text_config": {
+        "model_type": "gemma3_text", **TINY, "vocab_size": 320, "head_dim": 16,
+        "sliding_window": 8, "sliding_window_pattern": 2}}),
+}
 
 
 
@@ -50,6 +70,21 @@ def summed_loss_and_grads(model, batches, beta=0.0, compiled=True):
     return loss, grads
 
 
+def assert_matches_full_logits_reference(model, batches, rows, triples, weights, beta=0.0,
+                                         ref=None, compiled=True):
+    """Loss and gradients of the microbatches equal the naive full-logits loss's; returns
+    the gradients."""
+    loss, grads = summed_loss_and_grads(model, batches, beta, compiled)
+    ref_loss, ref_grads = nn.value_and_grad(
+        model, lambda: naive_loss(model, rows, triples, weights, beta, ref))()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    flat, ref_flat = dict(tree_flatten(grads)), dict(tree_flatten(ref_grads))
+    assert flat.keys() == ref_flat.keys()
+    for k in flat:
+        np.testing.assert_allclose(np.array(flat[k]), np.array(ref_flat[k]), atol=1e-5, rtol=1e-4)
+    return flat
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.3])
 @pytest.mark.parametrize("norm", ["sequence", "token"])
 @pytest.mark.parametrize("compiled", [False, True])
@@ -62,15 +97,8 @@ def test_selective_loss_matches_full_logits_reference(lora_model, norm, compiled
         attach_ref_logprobs(lora_model, batches)
         with lora_disabled(lora_model):
             ref = [mx.stop_gradient(token_logprob(lora_model, rows, t)) for t in triples]
-    loss, grads = summed_loss_and_grads(lora_model, batches, beta, compiled)
-    ref_fn = nn.value_and_grad(
-        lora_model, lambda: naive_loss(lora_model, rows, triples, weights, beta, ref))
-    ref_loss, ref_grads = ref_fn()
-    assert abs(loss.item() - ref_loss.item()) < 1e-5
-    flat, ref_flat = dict(tree_flatten(grads)), dict(tree_flatten(ref_grads))
-    assert flat.keys() == ref_flat.keys()
-    for k in flat:
-        np.testing.assert_allclose(np.array(flat[k]), np.array(ref_flat[k]), atol=1e-5, rtol=1e-4)
+    flat = assert_matches_full_logits_reference(lora_model, batches, rows, triples, weights,
+                                                beta, ref, compiled)
     assert max(float(mx.abs(g).max()) for g in flat.values()) > 1e-4  # gradients are not all zero
 
 
@@ -82,9 +110,58 @@ def test_shared_prefixes_share_a_forward_row(lora_model):
     weights = normalisation_weights(triples, "sequence", num_completions=3, num_selected=5)
     batches = make_microbatches(rows, triples, weights, rows_per_batch=8)
     assert len(batches) == 1 and batches[0].inputs.shape[0] == 2  # rows 0 and 2 only
-    loss, grads = summed_loss_and_grads(lora_model, batches)
-    ref_loss, ref_grads = nn.value_and_grad(
-        lora_model, lambda: naive_loss(lora_model, rows, triples, weights))()
-    assert abs(loss.item() - ref_loss.item()) < 1e-5
-    for (k, g), (_, r) in zip(tree_flatten(grads), tree_flatten(ref_grads)):
-        np.testing.assert_allclose(np.array(g), np.array(r), atol=1e-5, rtol=1e-4)
+    assert_matches_full_logits_reference(lora_model, batches, rows, triples, weights)
+
+
+@pytest.fixture(params=HEADS)
+def family_model(request):
+    model_type, config = HEADS[request.param]
+    return tiny_family_model(model_type, **config)
+
+
+def test_selected_logprobs_are_the_models_own(family_model):
+    """Each selected token's log-prob equals log_softmax of the model's own forward."""
+    rows, triples = make_case()
+    for triple in triples:
+        [batch] = make_microbatches(rows, [triple], np.ones(1, dtype=np.float32), rows_per_batch=1)
+        ours = selected_logprobs(family_model, batch)[0].item()
+        assert abs(ours - token_logprob(family_model, rows, triple).item()) < 1e-5
+
+
+def test_compiled_lora_loss_uses_the_models_own_head(family_model):
+    add_lora(family_model, lora_config(rank=4, scale=10.0))
+    rows, triples = make_case()
+    weights = normalisation_weights(triples, "token", 4, len(triples))
+    batches = make_microbatches(rows, triples, weights, rows_per_batch=2)
+    assert_matches_full_logits_reference(family_model, batches, rows, triples, weights)
+
+
+def test_startup_check_passes_the_models_own_heads(family_model):
+    check_selected_logprobs(family_model)
+
+
+def test_startup_check_refuses_a_dropped_soft_cap(monkeypatch):
+    def projection_only(head, key, body, hidden):  # what the loss did before: no cap, no scale
+        return body.embed_tokens.as_linear(hidden)
+
+    monkeypatch.setattr(loss_module, "apply_head", projection_only)
+    model_type, config = HEADS["gemma2, final logit soft-capping"]
+    with pytest.raises(ModelLoadError, match="model type 'gemma2': the loss's log-probs differ"):
+        check_selected_logprobs(tiny_family_model(model_type, **config))
+
+
+class HeadReadsTokens(llama.Model):
+    """A head that reads the token ids as well as the body's output: it cannot be run on
+    picked hidden states alone."""
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        logits = super().__call__(inputs, cache)
+        return logits + 3.0 * (inputs[..., None] == mx.arange(logits.shape[-1]))  # "copy" boost
+
+
+def test_startup_check_refuses_a_head_it_cannot_run_in_one_line():
+    model = HeadReadsTokens(llama.ModelArgs.from_dict(
+        {"model_type": "llama", **TINY, "vocab_size": 320, "rms_norm_eps": 1e-6}))
+    with pytest.raises(ModelLoadError) as refused:
+        check_selected_logprobs(model)
+    assert "model type 'llama'" in str(refused.value) and "\n" not in str(refused.value)

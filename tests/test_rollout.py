@@ -1,9 +1,21 @@
+import json
+from dataclasses import asdict
+
+import mlx.core as mx
 import mlx_lm
+import numpy as np
 import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from typer.testing import CliRunner
 
 from mlx_tokenrl import rollout as rollout_module
-from mlx_tokenrl.rollout import SamplingParams, encode_prompts, rollout
+from mlx_tokenrl.models import ModelLoadError
+from mlx_tokenrl.rollout import (SamplingParams, check_batched_rollouts, encode_prompts,
+                                 generate_tokens, rollout)
 from mlx_tokenrl.tasks import format_prompt
+from mlx_tokenrl.toy import build_tokenizer, tiny_family_model
+from tokenrl_cli.main import app
 
 QUESTIONS = ["what is 12 times 3?", "he had 5 apples and gave 2. how many are left?",
              "what is 7 times 8?"]
@@ -89,3 +101,82 @@ def test_one_seed_per_prompt(model_and_tokenizer):
     model, tok = model_and_tokenizer
     with pytest.raises(ValueError, match="one seed per prompt"):
         rollout(model, tok, prompts(tok), 2, SamplingParams(), seeds=[1])
+
+
+# Families whose cache is a plain KVCache on every layer, with the heads test_loss checks.
+PLAIN_KV = {"llama": {}, "gemma2": {"final_logit_softcapping": 2.0, "num_key_value_heads": 4},
+            "cohere": {"logit_scale": 0.25}, "phi3": {}}
+SLIDING = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}
+# (model type, config, what the one-line refusal names)
+UNBATCHABLE = {
+    "llama with sliding-window layers": ("llama", SLIDING, "RotatingKVCache"),
+    "mamba": ("mamba", {"state_size": 8, "conv_kernel": 4, "use_bias": False,
+                        "use_conv_bias": True, "time_step_rank": 4}, "ArraysCache"),
+    # A plain KVCache, but its grouped-query attention cannot take the batch's padding mask.
+    "gemma2 with grouped-query attention": ("gemma2", {}, "batched rollouts fail in its forward"),
+}
+
+
+@pytest.mark.parametrize("model_type", PLAIN_KV)
+def test_other_families_greedy_matches_mlx_lm_with_compaction(model_type, monkeypatch):
+    """Left-padded prompts of different lengths, rows dropped as they hit EOS: each row is
+    still what mlx-lm's own one-sequence greedy decoding (its own cache) produces."""
+    model = tiny_family_model(model_type, **PLAIN_KV[model_type])
+    check_batched_rollouts(model)
+    prompts = [np.random.default_rng(n).integers(0, 320, n).tolist() for n in (3, 9, 5)]
+    expected = [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=8)]
+                for p in prompts]
+    eos = expected[0][3]  # prompt 0's rows finish early and are dropped from the cache
+    monkeypatch.setattr(rollout_module, "COMPACT_FRACTION", 0.0)
+    produced, _ = generate_tokens(model, prompts, 2, SamplingParams(temperature=0.0, max_new_tokens=8),
+                                  {eos}, seeds=[0, 0, 0])
+    for i, want in enumerate(expected):
+        until_eos = want[:want.index(eos) + 1] if eos in want else want
+        assert produced[2 * i] == until_eos == produced[2 * i + 1]
+    assert len(produced[0]) < 8
+
+
+@pytest.mark.parametrize("case", UNBATCHABLE)
+def test_models_rollouts_cannot_batch_are_refused_in_one_line(case):
+    model_type, config, reason = UNBATCHABLE[case]
+    with pytest.raises(ModelLoadError) as refused:
+        check_batched_rollouts(tiny_family_model(model_type, **config))
+    message = str(refused.value)
+    assert f"model type {model_type!r} is not supported" in message and reason in message
+    assert "\n" not in message
+
+
+def test_rollouts_refuse_a_cache_they_cannot_batch_before_any_forward(monkeypatch):
+    """`eval` reaches rollouts without the start-up check: prefill refuses by itself."""
+    model = tiny_family_model("llama", **SLIDING)
+    monkeypatch.setattr(type(model), "__call__", None)  # any forward would raise TypeError
+    with pytest.raises(ModelLoadError, match="RotatingKVCache"):
+        generate_tokens(model, [[1, 2, 3]], 2, SamplingParams(max_new_tokens=4), set(), seeds=[0])
+
+
+def test_start_up_check_catches_a_batch_cache_that_ignores_left_padding(model_and_tokenizer,
+                                                                       monkeypatch):
+    model, _ = model_and_tokenizer
+    check_batched_rollouts(model)
+    batch_cache = rollout_module.batch_cache
+    monkeypatch.setattr(rollout_module, "batch_cache",
+                        lambda model, padding: batch_cache(model, [0] * len(padding)))
+    with pytest.raises(ModelLoadError, match="batched rollouts differ from its own forward"):
+        check_batched_rollouts(model)
+
+
+def test_train_refuses_a_sliding_window_model_before_writing_anything(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model = tiny_family_model("llama", vocab_size=build_tokenizer(model_dir), **SLIDING)
+    mx.save_safetensors(str(model_dir / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = {k: v for k, v in asdict(model.args).items() if v is not None}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "multiply", "--model", str(model_dir),
+                                      "--out", str(out), "--steps", "1", "--group-size", "2",
+                                      "--prompts-per-step", "1", "--max-new-tokens", "4"])
+    assert result.exit_code == 1, result.output
+    assert "model type 'llama' is not supported" in result.output
+    assert "RotatingKVCache" in result.output and "Traceback" not in result.output
+    assert not out.exists()
