@@ -28,6 +28,7 @@ MIN_SELECTIONS = 32
 class LossRow:
     context: list  # prompt tokens (plus a replayed prefix), conditioning only
     completion: list  # sampled tokens; selected positions index into this
+    group: int = 0  # which of the step's groups it came from (T-SPMO normalises per group)
 
 
 @dataclass
@@ -41,19 +42,22 @@ class MicroBatch:
     ref_logprobs: mx.array | None = None  # (S,) under the base model, for the KL term
 
 
-def normalisation_weights(triples, norm: str, num_completions: int, num_selected: int):
-    """Per-triple weight. `sequence`: 1 / (N * |T_i|) (the paper's mean over completions of
-    each completion's mean); `token`: 1 / (total selected tokens). N and the total are
-    passed in, not counted here, because with several ranks they are global."""
+def normalisation_weights(triples, norm: str, num_units: int, num_selected: int,
+                          unit_of_row=None):
+    """Per-triple weight. `sequence`: 1 / (U * |T_u|), a mean over units of each unit's mean,
+    where a unit is a completion (GRPO, S-GRPO: the paper's per-completion mean) or a group
+    (T-SPMO: `unit_of_row` maps loss rows to groups) and T_u is what the unit selected;
+    `token`: 1 / (total selected). U and the total are passed in, not counted here, because
+    with several ranks they are global (and units that selected nothing still count in U)."""
     if norm == "token":
         return np.full(len(triples), 1.0 / max(num_selected, 1), dtype=np.float32)
     if norm != "sequence":
         raise ValueError(f"unknown loss norm {norm!r}: use sequence or token")
-    per_row = {}
-    for row, _, _ in triples:
-        per_row[row] = per_row.get(row, 0) + 1
-    return np.array([1.0 / (num_completions * per_row[row]) for row, _, _ in triples],
-                    dtype=np.float32)
+    units = [row if unit_of_row is None else unit_of_row[row] for row, _, _ in triples]
+    per_unit = {}
+    for unit in units:
+        per_unit[unit] = per_unit.get(unit, 0) + 1
+    return np.array([1.0 / (num_units * per_unit[unit]) for unit in units], dtype=np.float32)
 
 
 def _round_up(n: int, multiple: int) -> int:

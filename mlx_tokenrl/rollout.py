@@ -162,11 +162,13 @@ def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParam
     active = np.arange(num_rows)  # global row id of each batch row, in batch order
     produced = [[] for _ in range(num_rows)]
     finished = np.zeros(num_rows, dtype=bool)
+    ended = np.zeros(num_rows, dtype=bool)  # by EOS, not by the budget
 
     tokens = sample_tokens(logits, keys, params)
     mx.async_eval(tokens)
-    for step in range(params.max_new_tokens):
-        last_step = step == params.max_new_tokens - 1
+    longest = int(row_budget.max())
+    for step in range(longest):
+        last_step = step == longest - 1
         if not last_step:
             # Queue the next step before reading this one, so the host bookkeeping below
             # overlaps with the model's compute.
@@ -177,8 +179,9 @@ def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParam
         for row, token in zip(active, host):
             if not finished[row]:
                 produced[row].append(int(token))
-        done_now = np.isin(host, eos) & ~finished[active]
-        finished[active[done_now]] = True
+        eos_now = np.isin(host, eos) & ~finished[active]
+        ended[active[eos_now]] = True
+        finished[active[eos_now | (step + 1 >= row_budget[active])]] = True
         if last_step or finished.all():
             break
         still = ~finished[active]
@@ -188,25 +191,27 @@ def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParam
             next_tokens, keys = next_tokens[keep], keys[keep]
             active = active[still]
         tokens = next_tokens
-    truncated = [not finished[row] for row in range(num_rows)]
+    truncated = [not ended[row] for row in range(num_rows)]
     return produced, truncated
 
 
 def rollout(model, tokenizer, prompt_tokens, group_size: int, params: SamplingParams,
-            seeds, answers=None, reward_fn=None, prefixes=None):
+            seeds, answers=None, reward_fn=None, prefixes=None, budgets=None):
     """Sample G completions for each prompt (token ids), decode and score them.
 
     Returns a prompt-major list of `Completion`s: rows g*G .. g*G+G-1 belong to prompt g.
     `seeds` holds one integer per prompt and fixes what is sampled for it. `prefixes`
     (T-SPMO replay) are tokens already written for a prompt's answer: they are fed after
-    the prompt and count as part of the answer text that is scored.
+    the prompt and count as part of the answer text that is scored. `budgets` (one per
+    prompt, at most `params.max_new_tokens`) caps each prompt's new tokens.
     """
     if len(seeds) != len(prompt_tokens):
         raise ValueError("rollout needs one seed per prompt")
     prefixes = prefixes or [[] for _ in prompt_tokens]
     contexts = [list(p) + list(q) for p, q in zip(prompt_tokens, prefixes)]
     eos_ids = set(tokenizer.eos_token_ids)
-    produced, truncated = generate_tokens(model, contexts, group_size, params, eos_ids, seeds)
+    produced, truncated = generate_tokens(model, contexts, group_size, params, eos_ids, seeds,
+                                          budgets)
     completions = []
     for row, (tokens, cut) in enumerate(zip(produced, truncated)):
         prompt = row // group_size

@@ -14,7 +14,8 @@ directory. Collectives and failure handling: `distributed.py`.
 import json
 import math
 import time
-from dataclasses import asdict, replace
+import warnings
+from dataclasses import asdict, astuple, dataclass, fields, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +23,6 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.trainer import grad_checkpoint
-from mlx_lm.tuner.utils import build_schedule
 
 from .checkpoint import (atomic_write_bytes, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
@@ -32,24 +32,22 @@ from .loss import (LossRow, attach_ref_logprobs, check_selected_logprobs, make_l
                    make_microbatches, normalisation_weights)
 from .config import ConfigError, TrainConfig, config_from_dict
 from .models import add_lora, load_model, lora_config, save_adapter_config
-from .rewards import with_format_bonus
+from .replay import replay_step
+from .rewards import is_solved, with_format_bonus
 from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout
-from .selection import grpo_selection, has_signal, sgrpo_selection, tspmo_selection
+from .seeds import DATA_ORDER, SAMPLING, SELECTION, derived_rng, derived_seed
+from .selection import NORMALISED_OVER, grpo_selection, has_signal, sgrpo_selection, tspmo_selection
 from .sync import broadcast_training_state, check_configs_agree, check_inputs_agree, ensure_ranks_agree
 from .tasks import format_prompt, load_task
 
 # ---- what each step draws -------------------------------------------------------------
-
-def derived_seed(*parts) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
 
 def step_prompt_indices(num_examples: int, step: int, batch: int, seed: int) -> list:
     """The B example indices of a step: consecutive slices of per-epoch permutations."""
     out = []
     for pos in range(step * batch, (step + 1) * batch):
         epoch, offset = divmod(pos, num_examples)
-        order = np.random.default_rng(derived_seed(seed, 1, epoch)).permutation(num_examples)
+        order = derived_rng(seed, DATA_ORDER, epoch).permutation(num_examples)
         out.append(int(order[offset]))
     return out
 
@@ -73,58 +71,29 @@ def select_group(cfg: TrainConfig, completions, rewards, rng):
 
 def group_rng(cfg: TrainConfig, step: int, position: int):
     """Selection randomness of one group: fixed by (seed, step, prompt position), not rank."""
-    return np.random.default_rng(derived_seed(cfg.seed, 2, step, position))
+    return derived_rng(cfg.seed, SELECTION, step, position)
 
 
-def add_groups(cfg, groups, contexts, rngs, loss_rows, triples):
-    """Select within each group (with its own rng) and append its rows and triples."""
+def add_groups(cfg, groups, contexts, rngs, loss_rows, triples, first_group: int = 0):
+    """Select within each group (with its own rng) and append its rows and triples; loss
+    rows remember their group (numbered from `first_group`) for T-SPMO's normalisation."""
     signal = 0
-    for context, group, rng in zip(contexts, groups, rngs):
+    for number, (context, group, rng) in enumerate(zip(contexts, groups, rngs), first_group):
         rewards = [c.reward for c in group]
         signal += has_signal(rewards)
         chosen = select_group(cfg, [c.tokens for c in group], rewards, rng)
         used = sorted({row for row, _, _ in chosen})
         row_id = {row: len(loss_rows) + i for i, row in enumerate(used)}
-        loss_rows += [LossRow(context, group[row].tokens) for row in used]
+        loss_rows += [LossRow(context, group[row].tokens, number) for row in used]
         triples += [(row_id[row], pos, adv) for row, pos, adv in chosen]
     return signal
-
-
-def replay_candidates(groups, positions):
-    """(prompt position, completion, length) of each group's best successful completions."""
-    out = []
-    for position, group in zip(positions, groups):
-        best = max(c.reward for c in group)
-        out += [(position, j, len(c.tokens)) for j, c in enumerate(group)
-                if c.reward > 0 and c.reward == best and len(c.tokens) >= 2]
-    return out
-
-
-def replay_prefixes(candidates, count: int, rng):
-    """T-SPMO replay: pick `count` of the step's candidates, cut each at a random position.
-    Returns (pick, prompt position, completion, cut length); every rank draws the same."""
-    picks = rng.choice(len(candidates), size=min(count, len(candidates)), replace=False) \
-        if candidates else []
-    return [(k, *candidates[i][:2], int(rng.integers(1, candidates[i][2])))
-            for k, i in enumerate(picks)]
-
-
-def gather_candidates(world: World, local, capacity: int):
-    """Every rank's replay candidates, in prompt-position order (as one process has them)."""
-    if world.size() == 1:
-        return sorted(local)
-    table = np.full((capacity, 3), -1.0)
-    if local:
-        table[:len(local)] = local
-    rows = world.gather(table.reshape(-1), "the T-SPMO replay exchange").reshape(-1, 3)
-    return sorted(tuple(int(x) for x in row) for row in rows if row[0] >= 0)
 
 
 # ---- one step -------------------------------------------------------------------------
 
 def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, positions=None,
                        world=None):
-    """Rollouts for this rank's prompts (+ replay), then selection. No gradients yet.
+    """Rollouts for this rank's prompts (+ T-SPMO's replay), then selection. No gradients yet.
 
     `indices` are the example indices of this rank's prompts, `positions` their places in
     the step's batch (default: 0..len-1, one process)."""
@@ -134,7 +103,7 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
     prompts = encode_prompts(tokenizer, [format_prompt(tokenizer, examples[i].question,
                                                        task.instruction) for i in indices])
     answers = [examples[i].answer for i in indices]
-    seeds = [derived_seed(cfg.seed, 3, step, i) for i in indices]
+    seeds = [derived_seed(cfg.seed, SAMPLING, step, i) for i in indices]
     completions = rollout(model, tokenizer, prompts, cfg.group_size, params, seeds,
                           answers, task.reward) if indices else []
     G = cfg.group_size
@@ -142,45 +111,47 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
     loss_rows, triples = [], []
     signal = add_groups(cfg, groups, prompts, [group_rng(cfg, step, p) for p in positions],
                         loss_rows, triples)
-    # "Solved" is a full reward (>= 1, as eval counts correct): with --format-reward, groups
-    # can carry signal from the format alone, and these say how much came from correctness.
-    solved = [[c.reward >= 1.0 for c in group] for group in groups]
+    # With --format-reward, groups can carry signal from the format alone; these say how
+    # much came from correctness.
+    solved = [[is_solved(c.reward) for c in group] for group in groups]
     stats = {"rewards": [c.reward for c in completions],
              "lengths": [len(c.tokens) for c in completions],
              "groups": len(groups), "groups_with_signal": signal,
              "solved": sum(map(sum, solved)),
              "groups_with_solved_signal": sum(has_signal(s) for s in solved),
-             "completions": len(completions), "replay_completions": 0}
+             "completions": len(completions), "replay_groups": 0}
 
     if cfg.algo == "t-spmo" and cfg.tspmo_replay > 0:
-        capacity = -(-cfg.prompts_per_step // world.size()) * G
-        candidates = gather_candidates(world, replay_candidates(groups, positions), capacity)
-        cuts = replay_prefixes(candidates, cfg.tspmo_replay,
-                               np.random.default_rng(derived_seed(cfg.seed, 6, step)))
-        local = {p: g for g, p in enumerate(positions)}
-        mine = [(k, local[p], groups[local[p]][j].tokens[:cut]) for k, p, j, cut in cuts
-                if p in local]
-        if mine:
-            shortest_cut = min(cut for *_, cut in cuts)  # over all ranks: same budget as one process
-            replay_params = SamplingParams(cfg.temperature, cfg.top_p,
-                                           max(1, cfg.max_new_tokens - shortest_cut))
-            replayed = rollout(model, tokenizer, [prompts[g] for _, g, _ in mine], G, replay_params,
-                               [derived_seed(cfg.seed, 4, step, indices[g], len(p)) for _, g, p in mine],
-                               [answers[g] for _, g, _ in mine], task.reward,
-                               prefixes=[p for _, _, p in mine])
-            replay_groups = [replayed[n * G:(n + 1) * G] for n in range(len(mine))]
-            add_groups(cfg, replay_groups, [prompts[g] + p for _, g, p in mine],
-                       [np.random.default_rng(derived_seed(cfg.seed, 5, step, k)) for k, _, _ in mine],
-                       loss_rows, triples)
-            stats["replay_completions"] = len(replayed)
-            stats["lengths"] += [len(c.tokens) for c in replayed]
+        replayed = replay_step(model, tokenizer, task, cfg, step, world, groups, prompts,
+                               indices, positions)
+        add_groups(cfg, [r.completions for r in replayed], [r.context for r in replayed],
+                   [r.rng for r in replayed], loss_rows, triples, first_group=len(groups))
+        stats["replay_groups"] = len(replayed)
+        stats["lengths"] += [len(c.tokens) for r in replayed for c in r.completions]
     return loss_rows, triples, stats
 
 
-def loss_and_grads(model, loss_and_grad, cfg, loss_rows, triples, totals):
+@dataclass
+class StepTotals:
+    """Counts over all ranks that normalise the loss."""
+    completions: float  # the step's sampled completions, replay included
+    groups: float  # the step's groups, replay groups included
+    selected: float  # tokens (T-SPMO: pairs) in the loss
+
+
+def loss_units(cfg: TrainConfig, totals: StepTotals, loss_rows):
+    """`--loss-norm sequence` averages over completions or groups (selection.NORMALISED_OVER):
+    how many there are in the step, and the unit of each loss row (None: the row itself)."""
+    if NORMALISED_OVER[cfg.algo] == "group":
+        return int(totals.groups), [row.group for row in loss_rows]
+    return int(totals.completions), None
+
+
+def loss_and_grads(model, loss_and_grad, cfg, loss_rows, triples, totals: StepTotals):
     """Sum of microbatch losses and gradients; weights already carry global normalisers."""
-    num_completions, num_selected = totals
-    weights = normalisation_weights(triples, cfg.loss_norm, int(num_completions), int(num_selected))
+    num_units, unit_of_row = loss_units(cfg, totals, loss_rows)
+    weights = normalisation_weights(triples, cfg.loss_norm, num_units, int(totals.selected),
+                                    unit_of_row)
     batches = make_microbatches(loss_rows, triples, weights, cfg.microbatch_rows)
     if cfg.beta > 0:
         attach_ref_logprobs(model, batches)
@@ -202,14 +173,18 @@ def gradient_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
 
 
-def apply_update(model, optimizer, grads, clip: float):
-    """Check, clip, step (gradients already summed over ranks). Returns (grad_norm, skipped)."""
+def apply_update(model, optimizer, grads, clip: float, step: int):
+    """Check, clip, step (gradients already summed over ranks). Returns (grad_norm, skipped).
+
+    The learning rate follows the training step, not the count of applied updates, so a
+    step without signal or a skipped update does not shift the schedule."""
     clipped, norm = optim.clip_grad_norm(grads, clip) if clip > 0 else (grads, None)
     if norm is None:
         norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
     norm = float(norm)
     if not math.isfinite(norm):
         return norm, True  # never let a NaN/inf reach the adapter
+    optimizer.state["step"] = mx.array(step, dtype=mx.uint64)
     optimizer.update(model, clipped)
     mx.eval(model.trainable_parameters(), optimizer.state)
     return norm, False
@@ -217,10 +192,33 @@ def apply_update(model, optimizer, grads, clip: float):
 
 # ---- the run --------------------------------------------------------------------------
 
+def warmup_cosine(peak: float, steps: int, warmup: int, floor: float):
+    """Learning rate of the update at 0-based step i: a linear warmup that is already
+    peak/warmup at step 0, then a cosine that reaches `floor` exactly at the last step.
+
+    Why not mlx-lm's build_schedule: its warmup starts at 0, so the first step's rollouts
+    (minutes on a laptop) train nothing, and its cosine stops short of the floor."""
+    span = max(steps - warmup, 1)
+
+    def schedule(step):
+        i = mx.array(step).astype(mx.float32)
+        warm = peak * (i + 1) / max(warmup, 1)
+        progress = mx.clip((i + 1 - warmup) / span, 0.0, 1.0)
+        cosine = floor + (peak - floor) * 0.5 * (1 + mx.cos(math.pi * progress))
+        return mx.where(i < warmup, warm, cosine)
+
+    return schedule
+
+
+def lr_schedule(cfg: TrainConfig):
+    return warmup_cosine(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr * 0.1)
+
+
 def make_optimizer(cfg: TrainConfig):
-    schedule = build_schedule({"name": "cosine_decay", "arguments": [cfg.lr, cfg.steps, cfg.lr * 0.1],
-                               "warmup": cfg.warmup_steps})
-    return optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    if cfg.steps <= cfg.warmup_steps:
+        warnings.warn(f"--steps {cfg.steps} <= --warmup-steps {cfg.warmup_steps}: the run ends "
+                      f"before the learning rate reaches --lr {cfg.lr:g}", stacklevel=2)
+    return optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
 
 
 def check_batch_fits(cfg: TrainConfig, world: World):
@@ -290,6 +288,30 @@ def trim_metrics(path: Path, upto_step: int):
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
+@dataclass
+class RankNumbers:
+    """What each rank reports of a step; gathered as one float vector, read back by name."""
+    reward_sum: float
+    reward_sq_sum: float
+    samples: float
+    groups: float
+    groups_with_signal: float
+    generated_tokens: float
+    loss: float
+    rollout_s: float
+    loss_s: float
+    step_s: float  # up to the metrics exchange, where ranks wait for the slowest
+    rollout_peak: float
+    loss_peak: float
+    solved: float
+    groups_with_solved_signal: float
+
+
+def gather_numbers(world: World, mine: RankNumbers, what: str) -> list:
+    table = world.gather(list(astuple(mine)), what).reshape(-1, len(fields(RankNumbers)))
+    return [RankNumbers(*map(float, row)) for row in table]
+
+
 def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step):
     """One step on this rank's shard; returns the step's metrics, aggregated over ranks.
 
@@ -307,62 +329,65 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step)
     t1 = time.perf_counter()
     rollout_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
-    totals = world.sum([stats["completions"] + stats["replay_completions"], len(triples)],
-                       f"the selection totals of step {step + 1}")
+    totals = StepTotals(*world.sum(
+        [stats["completions"] + stats["replay_groups"] * cfg.group_size,
+         stats["groups"] + stats["replay_groups"], len(triples)],
+        f"the selection totals of step {step + 1}"))
     t_totals = time.perf_counter() - t1
     if triples:
         loss, grads = loss_and_grads(model, loss_and_grad, cfg, loss_rows, triples, totals)
     else:
         loss, grads = mx.array(0.0), zero_grads(model)
     t2 = time.perf_counter()
-    loss_peak = mx.get_peak_memory()
     rewards = np.array(stats["rewards"], dtype=np.float64)
-    ranks = world.gather([rewards.sum(), (rewards ** 2).sum(), rewards.size, stats["groups"],
-                          stats["groups_with_signal"], sum(stats["lengths"]), float(loss),
-                          t1 - t0, t2 - t1 - t_totals, t2 - t0, rollout_peak, loss_peak,
-                          stats["solved"], stats["groups_with_solved_signal"]],
-                         f"the metrics exchange of step {step + 1}")
+    ranks = gather_numbers(world, RankNumbers(
+        reward_sum=rewards.sum(), reward_sq_sum=(rewards ** 2).sum(), samples=rewards.size,
+        groups=stats["groups"], groups_with_signal=stats["groups_with_signal"],
+        generated_tokens=sum(stats["lengths"]), loss=float(loss), rollout_s=t1 - t0,
+        loss_s=t2 - t1 - t_totals, step_s=t2 - t0, rollout_peak=rollout_peak,
+        loss_peak=mx.get_peak_memory(), solved=stats["solved"],
+        groups_with_solved_signal=stats["groups_with_solved_signal"]),
+        f"the metrics exchange of step {step + 1}")
     t3 = time.perf_counter()
-    sums = ranks.sum(axis=0)
-    global_loss = float(sums[6])
+    total = RankNumbers(*(sum(getattr(r, f.name) for r in ranks) for f in fields(RankNumbers)))
     allreduce_bytes = 0
-    if totals[1] > 0:
+    if totals.selected > 0:
         if size > 1:
             allreduce_bytes = gradient_bytes(model)
             grads = world.sum_tree(grads, f"the gradient all-reduce of step {step + 1}")
         t4 = time.perf_counter()
-        grad_norm, skipped = apply_update(model, optimizer, grads, cfg.grad_clip)
-        skipped = skipped or not math.isfinite(global_loss)
+        grad_norm, skipped = apply_update(model, optimizer, grads, cfg.grad_clip, step)
+        skipped = skipped or not math.isfinite(total.loss)
     else:
         t4 = time.perf_counter()
         grad_norm, skipped = 0.0, False  # no group carried signal anywhere: nothing to learn
     t5 = time.perf_counter()
-    n = max(sums[2], 1)
-    mean = sums[0] / n
+    n = max(total.samples, 1)
+    mean = total.reward_sum / n
     # Ranks meet at the metrics exchange, so the slowest rank's step is its time up to
     # there (it did not wait) plus the all-reduce and the update every rank does together.
-    step_s = float(ranks[:, 9].max()) + (t5 - t3)
+    step_s = max(r.step_s for r in ranks) + (t5 - t3)
     world.note_duration(step_s)
     return {
         "step": step + 1,
         "reward_mean": mean,
-        "reward_std": math.sqrt(max(sums[1] / n - mean * mean, 0.0)),
-        "signal_fraction": sums[4] / max(sums[3], 1),
-        "solve_rate": sums[12] / n,
-        "solved_signal_fraction": sums[13] / max(sums[3], 1),
-        "selected_tokens": int(totals[1]),
-        "generated_tokens": int(sums[5]),
-        "loss": global_loss,
+        "reward_std": math.sqrt(max(total.reward_sq_sum / n - mean * mean, 0.0)),
+        "signal_fraction": total.groups_with_signal / max(total.groups, 1),
+        "solve_rate": total.solved / n,
+        "solved_signal_fraction": total.groups_with_solved_signal / max(total.groups, 1),
+        "selected_tokens": int(totals.selected),
+        "generated_tokens": int(total.generated_tokens),
+        "loss": total.loss,
         "grad_norm": grad_norm,
         "skipped": bool(skipped),
-        "lr": float(optimizer.learning_rate),
-        "rollout_s": float(ranks[:, 7].max()), "loss_s": float(ranks[:, 8].max()),
+        "lr": float(lr_schedule(cfg)(step)),
+        "rollout_s": max(r.rollout_s for r in ranks), "loss_s": max(r.loss_s for r in ranks),
         "sync_s": (t3 - t2) + t_totals, "allreduce_s": t4 - t3, "update_s": t5 - t4,
         "step_s": step_s,
         "ranks": size, "allreduce_bytes": allreduce_bytes,
-        "peak_memory_gb": max(float(ranks[:, 10].max()), float(ranks[:, 11].max()),
+        "peak_memory_gb": max(max(r.rollout_peak for r in ranks), max(r.loss_peak for r in ranks),
                               mx.get_peak_memory()) / 1e9,
-        "loss_peak_memory_gb": float(ranks[:, 11].max()) / 1e9,
+        "loss_peak_memory_gb": max(r.loss_peak for r in ranks) / 1e9,
     }
 
 

@@ -58,7 +58,8 @@ def rank_gradients(model, cfg, contexts, groups, world_size):
         trainer.add_groups(cfg, [groups[p] for p in positions], [contexts[p] for p in positions],
                            [trainer.group_rng(cfg, step, p) for p in positions], rows, triples)
         shards.append((rows, triples, sum(len(groups[p]) for p in positions)))
-    totals = (sum(s[2] for s in shards), sum(len(s[1]) for s in shards))
+    totals = trainer.StepTotals(completions=sum(s[2] for s in shards), groups=len(groups),
+                                selected=sum(len(s[1]) for s in shards))
     loss_and_grad = make_loss_and_grad(model, 0.0, compile=False)
     out = []
     for rows, triples, _ in shards:

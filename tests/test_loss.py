@@ -90,7 +90,7 @@ def assert_matches_full_logits_reference(model, batches, rows, triples, weights,
 @pytest.mark.parametrize("compiled", [False, True])
 def test_selective_loss_matches_full_logits_reference(lora_model, norm, compiled, beta):
     rows, triples = make_case()
-    weights = normalisation_weights(triples, norm, num_completions=6, num_selected=len(triples))
+    weights = normalisation_weights(triples, norm, num_units=6, num_selected=len(triples))
     batches = make_microbatches(rows, triples, weights, rows_per_batch=2)
     ref = None
     if beta:
@@ -107,7 +107,7 @@ def test_shared_prefixes_share_a_forward_row(lora_model):
     ctx = [5, 6, 7]
     rows = [LossRow(ctx, [10, 11, 12]), LossRow(ctx, [10, 13]), LossRow(ctx, [14, 15])]
     triples = [(0, 0, 0.5), (2, 0, -0.5), (0, 1, 0.3), (1, 1, -0.3), (2, 1, 0.2)]
-    weights = normalisation_weights(triples, "sequence", num_completions=3, num_selected=5)
+    weights = normalisation_weights(triples, "sequence", num_units=3, num_selected=5)
     batches = make_microbatches(rows, triples, weights, rows_per_batch=8)
     assert len(batches) == 1 and batches[0].inputs.shape[0] == 2  # rows 0 and 2 only
     assert_matches_full_logits_reference(lora_model, batches, rows, triples, weights)
