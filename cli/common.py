@@ -116,6 +116,10 @@ HELP = {
     "eval_limit": ("Bookkeeping", "Held-out examples per evaluation."),
     "save_every": ("Bookkeeping", "Checkpoint every N steps."),
     "out": ("Bookkeeping", "Run directory: adapters, checkpoints, config, metrics.jsonl."),
+    "report_to": ("Tracking", "Log config, metrics and samples to wandb, swanlab or both (comma-separated)."),
+    "project_name": ("Tracking", "The tracker's project for --report-to."),
+    "samples_every": ("Tracking", "Write prompts, completions, rewards and selected tokens to samples.jsonl on step 1 and every N steps; 0 disables."),
+    "samples_count": ("Tracking", "Prompts per sample (each with its whole group of completions)."),
 }
 CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": str}
 

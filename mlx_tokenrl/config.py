@@ -117,6 +117,11 @@ class TrainConfig:
     eval_limit: int = 100
     save_every: int = 10
     out: str = "runs/latest"
+    # tracking (tracking.py, samples.py)
+    report_to: list[str] | None = None
+    project_name: str = "mlx-tokenrl"
+    samples_every: int = 10
+    samples_count: int = 2
 
     def __post_init__(self):
         """Every field holds its annotated type (text parsed), else ConfigError."""
@@ -126,7 +131,7 @@ class TrainConfig:
 
     def validate(self):
         """Every value in its range, else ConfigError: before any model work."""
-        for name in ("task", "model", "digits", "out"):
+        for name in ("task", "model", "digits", "out", "project_name"):
             require(bool(getattr(self, name).strip()), f"{flag(name)} must not be empty")
         one_of("algo", self.algo, ALGOS)
         one_of("loss_norm", self.loss_norm, ("sequence", "token"))
@@ -135,10 +140,11 @@ class TrainConfig:
         if self.quantize is not None:
             one_of("quantize", self.quantize, QUANTIZE_BITS)
         for name in ("steps", "prompts_per_step", "max_new_tokens", "lora_rank", "sgrpo_k",
-                     "tspmo_max_pairs", "microbatch_rows", "eval_limit", "save_every"):
+                     "tspmo_max_pairs", "microbatch_rows", "eval_limit", "save_every",
+                     "samples_count"):
             at_least(name, getattr(self, name), 1)
         for name in ("seed", "warmup_steps", "weight_decay", "grad_clip", "beta", "format_reward",
-                     "sgrpo_alpha", "tspmo_replay", "eval_every"):
+                     "sgrpo_alpha", "tspmo_replay", "eval_every", "samples_every"):
             at_least(name, getattr(self, name), 0)
         # Sampling at temperature 0 is greedy: every completion of a group would be the same.
         for name in ("temperature", "top_p", "lr", "lora_scale"):
@@ -155,6 +161,7 @@ class TrainConfig:
         require(self.algo != "s-grpo" or self.sgrpo_alpha > 0 or self.sgrpo_p > 0,
                 "--sgrpo-alpha 0 with --sgrpo-p 0 puts no token in the S-GRPO loss")
         output_dir("out", self.out)
+        trackers_installed(self.report_to or [])
 
 
 # ---- range checks, shared with the CLI's own options ------------------------------------
@@ -186,6 +193,18 @@ def output_dir(name: str, path):
     """An output directory may exist, but must not be a file."""
     require(not Path(path).exists() or Path(path).is_dir(),
             f"{flag(name)} {path} is an existing file, not a directory")
+
+
+def trackers_installed(names):
+    """Each --report-to name is one of mlx-lm's trackers and its package imports. mlx-lm's
+    callbacks check the package only when the run starts, after the model has loaded."""
+    from mlx_lm.tuner import callbacks  # imports the trackers that are installed
+
+    for name in names:
+        one_of("report_to", name, tuple(callbacks.SUPPORT_CALLBACK))
+        # mlx-lm keeps each tracker's module under its own name, None when the import failed.
+        require(getattr(callbacks, name) is not None,
+                f"--report-to {name}: the {name} package is not installed (pip install {name})")
 
 
 def config_from_dict(values: dict) -> TrainConfig:

@@ -35,10 +35,12 @@ from .models import add_lora, load_model, lora_config, save_adapter_config
 from .replay import replay_step
 from .rewards import is_solved, with_format_bonus
 from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout
+from .samples import SampleLog, SelectedGroup
 from .seeds import DATA_ORDER, SAMPLING, SELECTION, derived_rng, derived_seed
 from .selection import NORMALISED_OVER, grpo_selection, has_signal, sgrpo_selection, tspmo_selection
 from .sync import broadcast_training_state, check_configs_agree, check_inputs_agree, ensure_ranks_agree
 from .tasks import format_prompt, load_task
+from .tracking import Tracker, start_tracker
 
 # ---- what each step draws -------------------------------------------------------------
 
@@ -74,14 +76,18 @@ def group_rng(cfg: TrainConfig, step: int, position: int):
     return derived_rng(cfg.seed, SELECTION, step, position)
 
 
-def add_groups(cfg, groups, contexts, rngs, loss_rows, triples, first_group: int = 0):
+def add_groups(cfg, groups, contexts, rngs, loss_rows, triples, first_group: int = 0,
+               selections=None):
     """Select within each group (with its own rng) and append its rows and triples; loss
-    rows remember their group (numbered from `first_group`) for T-SPMO's normalisation."""
+    rows remember their group (numbered from `first_group`) for T-SPMO's normalisation.
+    `selections`, if given, gets each group's triples with rows counted within the group."""
     signal = 0
     for number, (context, group, rng) in enumerate(zip(contexts, groups, rngs), first_group):
         rewards = [c.reward for c in group]
         signal += has_signal(rewards)
         chosen = select_group(cfg, [c.tokens for c in group], rewards, rng)
+        if selections is not None:
+            selections.append(chosen)
         used = sorted({row for row, _, _ in chosen})
         row_id = {row: len(loss_rows) + i for i, row in enumerate(used)}
         loss_rows += [LossRow(context, group[row].tokens, number) for row in used]
@@ -92,7 +98,7 @@ def add_groups(cfg, groups, contexts, rngs, loss_rows, triples, first_group: int
 # ---- one step -------------------------------------------------------------------------
 
 def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, positions=None,
-                       world=None):
+                       world=None, on_selected=None):
     """Rollouts for this rank's prompts (+ T-SPMO's replay), then selection. No gradients yet.
 
     `indices` are the example indices of this rank's prompts, `positions` their places in
@@ -109,8 +115,12 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
     G = cfg.group_size
     groups = [completions[g * G:(g + 1) * G] for g in range(len(indices))]
     loss_rows, triples = [], []
+    selections = []
     signal = add_groups(cfg, groups, prompts, [group_rng(cfg, step, p) for p in positions],
-                        loss_rows, triples)
+                        loss_rows, triples, selections=selections)
+    if on_selected:  # samples.py: the step's own groups and what the loss takes from them
+        on_selected([SelectedGroup(p, examples[i], group, chosen) for p, i, group, chosen
+                     in zip(positions, indices, groups, selections)])
     # With --format-reward, groups can carry signal from the format alone; these say how
     # much came from correctness.
     solved = [[is_solved(c.reward) for c in group] for group in groups]
@@ -312,7 +322,8 @@ def gather_numbers(world: World, mine: RankNumbers, what: str) -> list:
     return [RankNumbers(*map(float, row)) for row in table]
 
 
-def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step):
+def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
+             on_selected=None):
     """One step on this rank's shard; returns the step's metrics, aggregated over ranks.
 
     Collectives: totals (after rollouts), one gather of every rank's numbers (after
@@ -325,7 +336,7 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     loss_rows, triples, stats = rollout_and_select(model, tokenizer, task, cfg, step, task.train,
-                                                   indices, positions, world)
+                                                   indices, positions, world, on_selected)
     t1 = time.perf_counter()
     rollout_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
@@ -418,6 +429,11 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None):
     is_main = world.is_main
     if is_main and resume:
         trim_metrics(out / "metrics.jsonl", start)
+    tracker = start_tracker(cfg) if is_main else Tracker()
+    samples = SampleLog(out / "samples.jsonl", tokenizer, cfg.samples_every, cfg.samples_count,
+                        tracker)
+    if is_main:  # steps after the checkpoint will be redone; a new run starts it empty
+        trim_metrics(samples.path, start)
     if on_start:
         on_start(start)
     loss_and_grad = make_loss_and_grad(model, cfg.beta, cfg.compile)
@@ -425,7 +441,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None):
     done = start
     try:
         for step in range(start, cfg.steps):
-            metrics = run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step)
+            metrics = run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
+                               on_selected=samples.for_step(step) if is_main else None)
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0:
                 summary = run_eval(model, tokenizer, task, cfg, world)
@@ -437,6 +454,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None):
             if is_main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
+                tracker.log_step(metrics)
                 if save:
                     save_checkpoint(out, done, model, optimizer, state)
                 if on_step:
@@ -445,4 +463,6 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None):
         if is_main and done > start:
             save_checkpoint(out, done, model, optimizer, state)
         raise
+    finally:
+        tracker.finish()
     return out

@@ -188,10 +188,10 @@ def test_an_internal_error_keeps_its_traceback(tiny_model_dir, tmp_path, monkeyp
 
     real = trainer.run_step
 
-    def broken_third_step(*args):
+    def broken_third_step(*args, **kwargs):
         if args[-1] == 2:  # the 0-based step index
             raise ValueError("[reshape] Cannot reshape array of size 6 into shape (4).")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "run_step", broken_third_step)
     out = tmp_path / "run"

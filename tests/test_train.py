@@ -80,10 +80,10 @@ def test_resume_keeps_an_extended_step_count(tiny_model_dir, dense_task, tmp_pat
     assert result.exit_code == 0, result.output
     real = trainer.run_step
 
-    def ctrl_c_in_step_5(*args):
+    def ctrl_c_in_step_5(*args, **kwargs):
         if args[-1] == 4:  # the 0-based step index
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "run_step", ctrl_c_in_step_5)
     result = cli_train("--resume", out, "--steps", 6)
