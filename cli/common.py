@@ -9,7 +9,7 @@ defaults).
 import contextlib
 import inspect
 import traceback
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,6 +18,8 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column
+from rich.text import Text
 
 from mlx_tokenrl.config import ConfigError, TrainConfig, config_from_dict, flag
 from mlx_tokenrl.models import first_line
@@ -63,9 +65,25 @@ def reported_errors():
         raise typer.Exit(EXIT_INTERNAL_ERROR)
 
 
+def reflowed(text: str) -> str:
+    """Each paragraph of a docstring on one line, for rich to wrap at the terminal's width
+    (click's \\b starts a paragraph kept as written)."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
 class Command(typer.core.TyperCommand):
     """Reports a malformed command line (an unknown option, 'abc' for a number, a missing
-    required option) as one `error:` line like every other user error, not click's box."""
+    required option) as one `error:` line like every other user error, not click's box;
+    lists itself in `tokenrl-mlx --help` by its help's first paragraph."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Typer's help keeps a docstring's line breaks, mid-sentence; `tokenrl-mlx --help`
+        # lists commands with their whole help.
+        if self.help:
+            self.help = reflowed(self.help)
+            self.short_help = self.short_help or self.help.split("\n\n")[0]
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -129,20 +147,25 @@ def option_parameter(name, annotation, default=None):
                              annotation=annotation, default=default)
 
 
-def config_parameters(extra):
-    """The task argument, one option per TrainConfig field, --config, then `extra`."""
+def config_parameters(extra, skip=(), defaults=None):
+    """The task argument, one option per TrainConfig field except `skip`, --config, then
+    `extra`. `defaults`: the command's own defaults where they differ from TrainConfig's
+    (shown in the help; `new_config` applies them below the config file's values)."""
+    defaults = defaults or {}
     params = [inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
         Optional[str], typer.Argument(help="svamp, gsm8k, multiply or jsonl.", show_default=False)],
         default=None)]
     for f in fields(TrainConfig):
-        if f.name == "task":
+        if f.name == "task" or f.name in skip:
             continue
         panel, text = HELP[f.name]
-        default = f.default if f.default is not MISSING else None
+        default = defaults.get(f.name, f.default if f.default is not MISSING else None)
         kind = CLI_TYPES.get(f.name, type(default) if default is not None else str)
         name = flag(f.name)
         decls = [f"{name}/--no-{name[2:]}"] if kind is bool else [name]
-        option = typer.Option(*decls, help=f"{text} (default: {default})", rich_help_panel=panel,
+        # The option's own default stays None, so that a value from --config is not overridden.
+        shown = "" if default is None else f" (default: {default})"
+        option = typer.Option(*decls, help=text + shown, rich_help_panel=panel,
                               show_default=False)
         params.append(option_parameter(f.name, Annotated[Optional[kind], option]))
     params.append(option_parameter("config", Annotated[Optional[Path], typer.Option(
@@ -169,41 +192,106 @@ def read_config_file(path: Path) -> dict:
     return values
 
 
-def resolve_config(cli_values: dict, config_file: Path | None) -> TrainConfig:
-    """CLI values over the config file's over the defaults, validated."""
-    values = {} if config_file is None else read_config_file(config_file)
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+def resolve_config(cli_values: dict, config_file: Path | None, defaults=None) -> TrainConfig:
+    """CLI values over the config file's over the command's `defaults` over TrainConfig's,
+    validated."""
+    values = dict(defaults or {})
+    if config_file is not None:
+        values.update({str(k).replace("-", "_"): v
+                       for k, v in read_config_file(config_file).items()})
     values.update({k: v for k, v in cli_values.items() if v is not None})
     cfg = config_from_dict(values)
     cfg.validate()
     return cfg
 
 
-def progress_line(m: dict) -> str:
-    parts = [f"reward {m['reward_mean']:.3f}", f"solved {m['solve_rate']:.0%}",
-             f"signal {m['signal_fraction']:.0%}",
-             f"sel {m['selected_tokens']}", f"{m['generated_tokens'] / m['step_s']:.0f} tok/s",
-             f"{m['step_s']:.1f} s/step", f"{m['peak_memory_gb']:.2f} GB"]
-    if "eval_accuracy" in m:
-        parts.insert(1, f"acc {m['eval_accuracy']:.1%}")
-    if m["skipped"]:
-        parts.append("[yellow]update skipped[/]")
-    return " | ".join(parts)
-
-
-def new_config(kwargs) -> TrainConfig:
+def new_config(kwargs, defaults=None) -> TrainConfig:
     config_file = kwargs.pop("config")
     if kwargs.get("task") is None and config_file is None:
         raise UserError("name a task (svamp, gsm8k, multiply, jsonl) or pass --config")
-    return resolve_config(kwargs, config_file)
+    return resolve_config(kwargs, config_file, defaults)
 
 
-def step_progress():
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+# ---- the live display of train and compare ----------------------------------------------
+
+SEPARATOR = " | "
 
 
-def report_step(progress, bar, metrics):
-    progress.update(bar, completed=metrics["step"], info=progress_line(metrics))
-    if not console.is_terminal:  # a log file gets no live bar: one plain line per step
-        console.print(f"step {metrics['step']}: {progress_line(metrics)}", highlight=False)
+def live_display() -> bool:
+    """A terminal that redraws gets the live bars; a file, a pipe or a dumb terminal gets
+    one plain line per step instead."""
+    return console.is_terminal and not console.is_dumb_terminal
+
+
+def step_fields(m: dict) -> list[Text]:
+    """A step's numbers, as its bar and a log line show them."""
+    fields = [f"reward {m['reward_mean']:.3f}", f"solved {m['solve_rate']:.0%}",
+              f"signal {m['signal_fraction']:.0%}",
+              f"sel {m['selected_tokens']}", f"{m['generated_tokens'] / m['step_s']:.0f} tok/s",
+              f"{m['step_s']:.1f} s/step", f"{m['peak_memory_gb']:.2f} GB"]
+    if "eval_accuracy" in m:
+        fields.insert(1, f"acc {m['eval_accuracy']:.1%}")
+    texts = [Text(field) for field in fields]
+    if m["skipped"]:
+        texts.append(Text("update skipped", style="yellow"))
+    return texts
+
+
+def packed_lines(fields: list[Text], width: int, indent: str = "  ") -> list[Text]:
+    """`fields` joined by SEPARATOR into lines of at most `width` cells, broken only between
+    fields: a number is never split from its unit."""
+    lines = []
+    for field in fields:
+        if lines and lines[-1].cell_len + len(SEPARATOR) + field.cell_len <= width:
+            lines[-1].append(SEPARATOR).append_text(field)
+        else:
+            lines.append(Text(indent).append_text(field))
+    return lines
+
+
+@dataclass
+class StepFields:
+    """The last step's numbers under a bar, packed into the console's width."""
+    fields: list  # of Text
+
+    def __rich_console__(self, console, options):
+        for line in packed_lines(self.fields, options.max_width):
+            line.no_wrap, line.overflow = True, "ellipsis"  # a console narrower than one field
+            yield line
+
+
+class StepProgress(Progress):
+    """Each bar's row (name, bar, steps, time left, what the step is doing now) with the last
+    step's numbers under it (task field `numbers`)."""
+
+    def get_renderables(self):
+        for task in self.tasks:
+            yield self.make_tasks_table([task])
+            if task.fields.get("numbers"):
+                yield StepFields(task.fields["numbers"])
+
+
+def step_progress(name_width: int, most: int) -> StepProgress:
+    """Bars named in a column `name_width` wide, counting up to at most `most`, so that the
+    bars of compare's arms line up. Every task needs the fields `phase` (text) and `numbers`
+    (step_fields or None). The bar takes what the other columns leave of the width; at 80
+    columns the name stays whole (rich shrinks columns that may wrap first)."""
+    return StepProgress(
+        TextColumn("{task.description}", style="bold", markup=False,
+                   table_column=Column(min_width=name_width, no_wrap=True)),
+        BarColumn(bar_width=None),
+        MofNCompleteColumn(table_column=Column(justify="right", min_width=2 * len(str(most)) + 1,
+                                               no_wrap=True)),
+        TimeRemainingColumn(), TextColumn("{task.fields[phase]}", markup=False),
+        console=console, disable=not live_display())  # (a file would get a last frame)
+
+
+def report_step(progress, bar, metrics, label: str | None = None):
+    """A finished step: its numbers under the bar, or (no live display) one plain line that
+    is never wrapped, so a log file can be grepped line by line."""
+    fields = step_fields(metrics)
+    progress.update(bar, completed=metrics["step"], numbers=fields, phase="")
+    if not live_display():
+        line = Text(f"{label + ' ' if label else ''}step {metrics['step']}: ")
+        console.print(line.append_text(Text(SEPARATOR).join(fields)), soft_wrap=True,
+                      highlight=False)

@@ -1,82 +1,109 @@
 """`compare`: base vs GRPO vs S-GRPO vs T-SPMO on one task, one table."""
 
 import inspect
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from mlx_tokenrl.compare import run_compare
+from mlx_tokenrl.compare import cell, run_compare
 from mlx_tokenrl.config import ALGOS
 
 from .common import (config_parameters, console, new_config, option_parameter, report_step,
                      reported_errors, step_progress)
 
+# compare's own defaults where they differ from train's (TrainConfig's).
+DEFAULTS = {"out": "runs/compare"}
 
-def print_table(rows):
-    table = Table(title="held-out accuracy (greedy)")
-    table.add_column("arm", overflow="fold")  # sweep arms carry their settings in the name
-    for col in ("accuracy (95% CI)", "vs base", "format", "steps", "loss tokens/step",
-                "median step s", "peak GB"):
-        table.add_column(col, justify="right")
+
+def print_tables(rows):
+    """Accuracy and cost apart, so that each stays readable at 80 columns."""
+    accuracy = Table(title=f"held-out accuracy (greedy, n={rows[0]['n']})")
+    cost = Table(title="training cost")
+    for table in (accuracy, cost):
+        table.add_column("arm", overflow="fold")  # sweep arms carry their settings in the name
+    for col in ("accuracy (95% CI)", "vs base", "format", "truncated"):
+        accuracy.add_column(col, justify="right")
+    for col in ("steps", "loss tokens\nper step", "median\nstep s", "train s\n(total)",
+                "loss+grad\nGB", "peak\nGB"):
+        cost.add_column(col, justify="right")
     for r in rows:
         low, high = r["ci95"]
         delta = "" if r["delta_vs_base"] is None else f"{r['delta_vs_base'] * 100:+.1f} pts"
-        trained = "step_seconds" in r
-        table.add_row(r["arm"], f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%})", delta,
-                      f"{r['format_rate']:.0%}", str(r["steps"]),
-                      f"{r['selected_tokens_per_step']:.0f}" if trained else "",
-                      f"{r['step_seconds']:.1f}" if trained else "",
-                      f"{r['peak_memory_gb']:.2f}" if trained else "")
-    console.print(table)
+        accuracy.add_row(r["arm"], f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%})", delta,
+                         f"{r['format_rate']:.0%}", cell(r, "truncation_rate", ".0%"))
+        if "step_seconds" in r:
+            cost.add_row(r["arm"], str(r["steps"]), f"{r['selected_tokens_per_step']:.0f}",
+                         f"{r['step_seconds']:.1f}", f"{r['train_seconds']:.1f}",
+                         cell(r, "loss_peak_memory_gb", ".2f"), f"{r['peak_memory_gb']:.2f}")
+    console.print(accuracy)
+    console.print(cost)
 
 
 def compare(**kwargs):
-    """Train each arm (an algorithm, optionally with its own settings) from the same start and
-    compare held-out accuracy with the base model."""
-    arms = [a.strip() for a in kwargs.pop("algos").split(",") if a.strip()]
+    """Train arms (algorithms, optionally with their own settings) from one start and compare
+    their held-out accuracy with the base model's.
+
+    Every arm uses the same model, seed, data order and steps; the base model and every arm
+    are scored on the same held-out examples."""
+    specs = [a.strip() for a in kwargs.pop("algos").split(",") if a.strip()]
     resume = kwargs.pop("resume")
+    final_eval_limit = kwargs.pop("final_eval_limit")
     with reported_errors():
-        kwargs["out"] = kwargs.get("out") or "runs/compare"
-        cfg = new_config(kwargs)
-        progress = step_progress()
-        bars = {}
+        cfg = new_config(kwargs, DEFAULTS)
+        progress = step_progress(max(map(len, ["base", *specs])),
+                                 max(cfg.steps, final_eval_limit or cfg.eval_limit))
+        arm = {}  # the arm being trained or evaluated: its name, bar, whether it trains
+
+        def finish_arm():  # its bar stays, without its numbers
+            if arm:
+                progress.update(arm["bar"], phase="done", numbers=None)
+            arm.clear()
 
         def on_arm(name, arm_cfg, finished):
+            finish_arm()
             if finished:
-                console.print(f"[bold]arm {name}[/]: finished earlier, skipped")
+                console.print(f"[bold]arm {name}[/]: finished earlier, skipped", soft_wrap=True)
                 return
             if arm_cfg is not None:
-                console.print(f"[bold]arm {name}[/]: training {arm_cfg.steps} steps into {arm_cfg.out}")
-                bars["train"] = progress.add_task(name, total=arm_cfg.steps, info="starting")
-            bars["eval"] = progress.add_task(f"{name} eval", total=cfg.eval_limit, info="",
-                                             start=False)
-
-        def on_step(m):
-            report_step(progress, bars["train"], m)
+                console.print(f"[bold]arm {name}[/]: training {arm_cfg.steps} steps into "
+                              f"{arm_cfg.out}", soft_wrap=True)
+            # The base model's bar counts its evaluation; an arm's counts its steps.
+            arm.update(name=name, trains=arm_cfg is not None, bar=progress.add_task(
+                name, total=arm_cfg.steps if arm_cfg else None, phase="starting", numbers=None))
 
         def on_eval(done, total):
-            progress.start_task(bars["eval"])
-            progress.update(bars["eval"], completed=done, total=total)
+            if arm["trains"]:
+                progress.update(arm["bar"], phase=f"final eval {done}/{total}")
+            else:
+                progress.update(arm["bar"], completed=done, total=total, phase="eval")
 
         with progress:
             try:
-                rows = run_compare(cfg, arms, resume=resume, on_arm=on_arm, on_step=on_step,
-                                   on_eval=on_eval)
+                rows = run_compare(
+                    cfg, specs, resume=resume, final_eval_limit=final_eval_limit, on_arm=on_arm,
+                    on_step=lambda m: report_step(progress, arm["bar"], m, label=arm["name"]),
+                    on_phase=lambda phase: progress.update(arm["bar"], phase=phase),
+                    on_eval=on_eval)
             except KeyboardInterrupt:
                 console.print("interrupted: continue with the same command plus --resume")
                 raise typer.Exit(130)
-        print_table(rows)
-        console.print(f"wrote {cfg.out}/compare.json, compare.md and compare.png")
+            finish_arm()
+        print_tables(rows)
+        console.print(f"wrote {cfg.out}/compare.json, compare.md and compare.png", soft_wrap=True)
 
 
 compare.__signature__ = inspect.Signature(config_parameters([
     option_parameter("algos", Annotated[str, typer.Option(
-        help="Comma-separated arms: an algorithm, optionally with settings of its own after "
-             "colons, e.g. grpo,s-grpo,s-grpo:lr=4e-5:sgrpo-k=48 (a small sweep).",
-        rich_help_panel="Compare")],
+        help=f"Comma-separated arms: an algorithm, optionally with settings of its own after "
+             f"colons (a small sweep), e.g. grpo,s-grpo:lr=4e-5. (default: {','.join(ALGOS)})",
+        rich_help_panel="Compare", show_default=False)],
         ",".join(ALGOS)),
+    option_parameter("final_eval_limit", Annotated[Optional[int], typer.Option(
+        help="Held-out examples of the final evaluations (base model and every arm), e.g. "
+             "all 300 while --eval-limit 100 keeps the in-training ones quick. (default: "
+             "--eval-limit)", rich_help_panel="Compare", show_default=False)]),
     option_parameter("resume", Annotated[bool, typer.Option(
-        help="Skip finished arms and continue an unfinished one from its checkpoint.",
-        rich_help_panel="Compare")], False),
-]))
+        "--resume", help="Skip finished arms and continue an unfinished one from its checkpoint.",
+        rich_help_panel="Compare", show_default=False)], False),
+], skip={"algo"}, defaults=DEFAULTS))

@@ -65,17 +65,20 @@ def train(**kwargs):
         else:
             cfg = new_config(kwargs)
         main = (launched_rank() or 0) == 0  # with several ranks, rank 0 alone reports
-        progress = step_progress()
+        name = f"{cfg.algo} on {cfg.task}"
+        progress = step_progress(len(name), cfg.steps)
         with contextlib.ExitStack() as shown:
             def on_start(start):  # the bar appears once the task and model have loaded
                 if main:
                     shown.enter_context(progress)
-                    progress.add_task(f"{cfg.algo} on {cfg.task}", total=cfg.steps,
-                                      completed=start, info="starting")
+                    progress.add_task(name, total=cfg.steps, completed=start, phase="starting",
+                                      numbers=None)
 
             try:
                 run_training(cfg, resume=resume is not None, on_start=on_start,
-                             on_step=lambda m: report_step(progress, progress.task_ids[0], m))
+                             on_step=lambda m: report_step(progress, progress.task_ids[0], m),
+                             on_phase=lambda phase: progress.update(progress.task_ids[0],
+                                                                    phase=phase))
             except KeyboardInterrupt:
                 shown.close()
                 if main:

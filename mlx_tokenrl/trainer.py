@@ -97,8 +97,13 @@ def add_groups(cfg, groups, contexts, rngs, loss_rows, triples, first_group: int
 
 # ---- one step -------------------------------------------------------------------------
 
+def no_phase(name: str):
+    """The default `on_phase`: a live display is told what a long step is doing (rollout,
+    replay, loss, eval n/N)."""
+
+
 def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, positions=None,
-                       world=None, on_selected=None):
+                       world=None, on_phase=no_phase, on_selected=None):
     """Rollouts for this rank's prompts (+ T-SPMO's replay), then selection. No gradients yet.
 
     `indices` are the example indices of this rank's prompts, `positions` their places in
@@ -132,6 +137,7 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
              "completions": len(completions), "replay_groups": 0}
 
     if cfg.algo == "t-spmo" and cfg.tspmo_replay > 0:
+        on_phase("replay")
         replayed = replay_step(model, tokenizer, task, cfg, step, world, groups, prompts,
                                indices, positions)
         add_groups(cfg, [r.completions for r in replayed], [r.context for r in replayed],
@@ -323,7 +329,7 @@ def gather_numbers(world: World, mine: RankNumbers, what: str) -> list:
 
 
 def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
-             on_selected=None):
+             on_phase=no_phase, on_selected=None):
     """One step on this rank's shard; returns the step's metrics, aggregated over ranks.
 
     Collectives: totals (after rollouts), one gather of every rank's numbers (after
@@ -335,8 +341,10 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
     indices = [batch[p] for p in positions]
     mx.reset_peak_memory()
     t0 = time.perf_counter()
+    on_phase("rollout")
     loss_rows, triples, stats = rollout_and_select(model, tokenizer, task, cfg, step, task.train,
-                                                   indices, positions, world, on_selected)
+                                                   indices, positions, world, on_phase,
+                                                   on_selected)
     t1 = time.perf_counter()
     rollout_peak = mx.get_peak_memory()
     mx.reset_peak_memory()
@@ -345,6 +353,7 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
          stats["groups"] + stats["replay_groups"], len(triples)],
         f"the selection totals of step {step + 1}"))
     t_totals = time.perf_counter() - t1
+    on_phase("loss")
     if triples:
         loss, grads = loss_and_grads(model, loss_and_grad, cfg, loss_rows, triples, totals)
     else:
@@ -402,13 +411,19 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
     }
 
 
-def run_eval(model, tokenizer, task, cfg, world=None):
-    """Held-out accuracy, each rank scoring its shard of the examples."""
+def run_eval(model, tokenizer, task, cfg, world=None, on_phase=no_phase):
+    """Held-out accuracy, each rank scoring its shard of the examples (progress: this
+    rank's shard)."""
     world = as_world(world)
     examples = shard(task.test[:cfg.eval_limit], world.rank(), world.size())
+
+    def progress(done, total):
+        on_phase(f"eval {done}/{total}")
+
+    progress(0, len(examples))  # the first batch takes a while
     t0 = time.perf_counter()
     summary, records = evaluate(model, tokenizer, task, examples,
-                                max_new_tokens=cfg.max_new_tokens)
+                                max_new_tokens=cfg.max_new_tokens, on_progress=progress)
     world.note_duration(time.perf_counter() - t0)
     if world.size() == 1:
         return summary
@@ -418,8 +433,10 @@ def run_eval(model, tokenizer, task, cfg, world=None):
     return summary_from_counts(*(int(c) for c in counts))
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None):
-    """Run (or continue) training; `on_step(metrics)` is called on every rank-0 step.
+def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
+          on_phase=no_phase):
+    """Run (or continue) training; `on_step(metrics)` is called on every rank-0 step, and
+    `on_phase(name)` on rank 0 as each part of a step starts (rollout, replay, loss, eval n/N).
 
     Ctrl-C, or an error inside a step, saves a checkpoint of the last finished step and
     re-raises.
@@ -436,16 +453,18 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None):
         trim_metrics(samples.path, start)
     if on_start:
         on_start(start)
+    report_phase = on_phase if is_main else no_phase
     loss_and_grad = make_loss_and_grad(model, cfg.beta, cfg.compile)
     state = {"config": asdict(cfg)}
     done = start
     try:
         for step in range(start, cfg.steps):
             metrics = run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
+                               on_phase=report_phase,
                                on_selected=samples.for_step(step) if is_main else None)
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0:
-                summary = run_eval(model, tokenizer, task, cfg, world)
+                summary = run_eval(model, tokenizer, task, cfg, world, report_phase)
                 metrics.update(eval_accuracy=summary["accuracy"],
                                eval_format_rate=summary["format_rate"])
             save = done % cfg.save_every == 0 or done == cfg.steps

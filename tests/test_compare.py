@@ -4,7 +4,8 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from mlx_tokenrl.compare import arm_configs, arm_row, figure
+from mlx_tokenrl.compare import arm_configs, arm_row, base_reference, markdown_table
+from mlx_tokenrl.compare_plot import ArmCurves, BaseReference, figure
 from mlx_tokenrl.config import TrainConfig
 from tokenrl_cli.main import app
 
@@ -13,21 +14,39 @@ def test_compare_writes_table_json_plot_and_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "multiply", "--digits", "1x1", "--model", str(tiny_model_dir),
             "--algos", "grpo,t-spmo", "--steps", "2", "--prompts-per-step", "2",
-            "--group-size", "4", "--max-new-tokens", "8", "--eval-limit", "6",
-            "--eval-every", "1", "--out", str(out)]
+            "--group-size", "4", "--max-new-tokens", "8", "--eval-limit", "3",
+            "--final-eval-limit", "6", "--eval-every", "1", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "compare.json").read_text())
     assert [r["arm"] for r in data["rows"]] == ["base", "grpo", "t-spmo"]
-    assert all(r["n"] == 6 for r in data["rows"])
+    assert data["final_eval_limit"] == 6 and data["config"]["eval_limit"] == 3
+    assert all(r["n"] == 6 for r in data["rows"])  # final evaluations: --final-eval-limit
     assert data["rows"][1]["steps"] == 2 and data["rows"][0]["delta_vs_base"] is None
+    for row in data["rows"][1:]:
+        step_s = [json.loads(line)["step_s"] for line in open(out / row["arm"] / "metrics.jsonl")]
+        assert row["train_seconds"] == pytest.approx(sum(step_s))
+        assert 0 <= row["truncation_rate"] <= 1 and row["loss_peak_memory_gb"] >= 0
     table = (out / "compare.md").read_text()
     assert "| grpo |" in table and "| t-spmo |" in table
     assert (out / "compare.png").stat().st_size > 10_000
+    # Not a terminal: one plain line per step, named after its arm; the tables after them.
+    for arm in ("grpo", "t-spmo"):
+        steps = re.findall(rf"^{arm} step (\d+): reward .* GB$", result.output, re.MULTILINE)
+        assert steps == ["1", "2"], result.output
+    assert "train s" in result.output and "truncated" in result.output
     stamps = {a: (out / a / "final_eval.json").stat().st_mtime_ns for a in ("base", "grpo", "t-spmo")}
     result = CliRunner().invoke(app, args + ["--resume"])
     assert result.exit_code == 0, result.output
     assert stamps == {a: (out / a / "final_eval.json").stat().st_mtime_ns for a in stamps}
+
+
+def test_final_eval_limit_is_checked_before_any_model_work(tmp_path):
+    result = CliRunner().invoke(app, ["compare", "multiply", "--model", str(tmp_path / "none"),
+                                      "--final-eval-limit", "0", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: --final-eval-limit must be at least 1, not 0"
+    assert not (tmp_path / "o").exists()
 
 
 def test_compare_rejects_unknown_algorithms(tiny_model_dir, tmp_path):
@@ -73,6 +92,7 @@ def test_compare_sweep_arms_train_with_their_settings(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "compare.json").read_text())["rows"]
     assert [r["arm"] for r in rows] == ["base", "s-grpo", "s-grpo:lr=3e-4:sgrpo-k=6"]
+    assert all(r["n"] == 4 for r in rows)  # no --final-eval-limit: --eval-limit's examples
     tuned = json.loads((out / "s-grpo_lr=3e-4_sgrpo-k=6" / "config.json").read_text())
     assert (tuned["lr"], tuned["sgrpo_k"], tuned["algo"]) == (3e-4, 6, "s-grpo")
     assert json.loads((out / "s-grpo" / "config.json").read_text())["sgrpo_k"] == 24
@@ -98,21 +118,125 @@ def test_solve_metrics_shown_only_when_every_step_logged_them():
     assert "solve_rate" not in partial and "solved_signal_fraction" not in partial
 
 
-def test_plot_gives_each_arm_one_colour_in_every_panel(tmp_path):
-    plt = pytest.importorskip("matplotlib.pyplot")
-    (tmp_path / "base").mkdir()
-    (tmp_path / "base" / "final_eval.json").write_text(json.dumps({"accuracy": 0.2}))
+def test_arm_row_sums_training_time_and_reads_costs_by_hand():
+    summary = {"accuracy": 0.5, "ci95": [0.4, 0.6], "n": 100, "format_rate": 0.9,
+               "truncation_rate": 0.25}
+    metrics = [{**step_metrics(step, 0.5, 0.5), "step_s": s, "loss_peak_memory_gb": gb}
+               for step, s, gb in ((1, 2.0, 0.5), (2, 9.0, 1.5), (3, 4.0, 1.0))]
+    row = arm_row("a", summary, metrics, 0.25)
+    assert row["train_seconds"] == 15.0  # 2 + 9 + 4: every step, not the median 4
+    assert row["step_seconds"] == 4.0
+    assert row["loss_peak_memory_gb"] == 1.5
+    assert row["truncation_rate"] == 0.25
+    line = markdown_table([row]).splitlines()[2]
+    assert "| 25% | 3 | 15.0 | 4.0 |" in line and "| 1.50 | 1.00 |" in line
+
+
+def test_older_runs_show_n_a_for_what_they_did_not_log():
+    """An arm resumed from an older run: no truncation rate in its final eval, no loss+grad
+    peak on its first step."""
+    summary = {"accuracy": 0.5, "ci95": [0.4, 0.6], "n": 100, "format_rate": 0.9}
+    metrics = [step_metrics(1, 0.5, 0.5),
+               {**step_metrics(2, 0.5, 0.5), "loss_peak_memory_gb": 0.7}]
+    row = arm_row("old", summary, metrics, 0.25)
+    assert "truncation_rate" not in row and "loss_peak_memory_gb" not in row
+    cells = [c.strip() for c in markdown_table([row]).splitlines()[2].split("|")[1:-1]]
+    assert cells[4] == "n/a" and cells[14] == "n/a"  # truncated, loss+grad peak GB
+    assert cells[15] == "1.00"  # the overall peak is still known
+
+
+def write_base(out, correct, final_n):
+    """A base model's final evaluation on `final_n` examples, per-example records included."""
+    (out / "base" / "eval").mkdir(parents=True)
+    (out / "base" / "eval" / "examples.jsonl").write_text(
+        "".join(json.dumps({"correct": c}) + "\n" for c in correct[:final_n]))
+    (out / "base" / "final_eval.json").write_text(json.dumps(
+        {"accuracy": sum(correct[:final_n]) / final_n, "n": final_n}))
+
+
+def test_base_reference_scores_the_in_training_examples(tmp_path):
+    write_base(tmp_path, [True, False, False, True, True, True], 6)
+    base = base_reference(tmp_path / "base", 4)
+    assert (base.accuracy, base.n) == (0.5, 4)  # the first 4 examples: 2 right
+    assert (base.final_accuracy, base.final_n) == (4 / 6, 6)
+
+
+def curves(arm_steps):
+    """Hand-made arms: (name, [(step_s, eval_accuracy or None), ...]) each."""
     arms = []
-    # The first arm predates the solve metrics, so it has no line in the third panel.
-    for name, solved in (("old", None), ("new", 0.5)):
-        arm_dir = tmp_path / name
-        arm_dir.mkdir()
-        (arm_dir / "final_eval.json").write_text(json.dumps({"accuracy": 0.4}))
-        lines = [{**step_metrics(step, 0.5, solved), "reward_mean": 0.3} for step in range(1, 8)]
-        (arm_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
-        arms.append((name, arm_dir))
-    fig = figure(tmp_path, arms, plt)
-    colours = [{line.get_label(): line.get_color() for line in ax.lines} for ax in fig.axes]
-    plt.close(fig)
-    assert set(colours[2]) == {"new"}
-    assert colours[0]["new"] == colours[1]["new"] == colours[2]["new"] != colours[0]["old"]
+    for name, steps in arm_steps:
+        metrics = []
+        for step, (seconds, accuracy) in enumerate(steps, 1):
+            m = {**step_metrics(step, 0.5, 0.25), "step_s": seconds, "reward_mean": 0.3}
+            if accuracy is not None:
+                m["eval_accuracy"] = accuracy
+            metrics.append(m)
+        arms.append(ArmCurves(name, metrics, final_accuracy=0.6, final_n=300))
+    return arms
+
+
+@pytest.fixture
+def plt():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    yield plt
+    plt.close("all")
+
+
+def panel(fig, title):
+    return next(ax for ax in fig.axes if ax.get_title() == title)
+
+
+def line(ax, label):
+    return next(line for line in ax.lines if line.get_label() == label)
+
+
+def test_accuracy_against_cumulative_training_time(plt):
+    """x: the sum of step_s up to each evaluated step (evaluation time is not in step_s),
+    y: that step's eval_accuracy, from the base model at 0 s; the base as a reference."""
+    base = BaseReference(accuracy=0.2, n=100, final_accuracy=0.25, final_n=300)
+    arms = curves([("cheap", [(1.0, None), (2.0, 0.3), (3.0, None), (4.0, 0.5)]),
+                   ("dear", [(10.0, 0.4), (20.0, 0.45), (30.0, 0.5), (40.0, 0.55)])])
+    fig = figure(base, arms, plt)
+    ax = panel(fig, "Held-out accuracy per training time")
+    assert list(line(ax, "cheap").get_xdata()) == [0.0, 3.0, 10.0]
+    assert list(line(ax, "cheap").get_ydata()) == [0.2, 0.3, 0.5]
+    assert list(line(ax, "dear").get_xdata()) == [0.0, 10.0, 30.0, 60.0, 100.0]
+    assert list(line(ax, "base (n=100)").get_ydata()) == [0.2, 0.2]
+    assert "(s;" in ax.get_xlabel()
+    # The final evaluations (stars) stand at each arm's whole training time.
+    stars = [(list(l.get_xdata()), list(l.get_ydata())) for l in ax.lines
+             if l.get_marker() == "*"]
+    assert ([10.0], [0.6]) in stars and ([100.0], [0.6]) in stars
+
+
+def test_plot_reads_in_percent_and_whole_steps_for_a_short_run(plt):
+    base = BaseReference(accuracy=0.2, n=100, final_accuracy=0.2, final_n=100)
+    arms = curves([(name, [(1.0, 0.2), (1.0, 0.3), (1.0, 0.3)]) for name in ("a", "b", "c")])
+    fig = figure(base, arms, plt)
+    fig.canvas.draw()
+    for title in ("Held-out accuracy", "Held-out accuracy per training time", "Train solve rate"):
+        labels = [t.get_text() for t in panel(fig, title).get_yticklabels() if t.get_text()]
+        assert labels and all(label.endswith("%") for label in labels), (title, labels)
+    for title in ("Held-out accuracy", "Train reward", "Train solve rate"):
+        ax = panel(fig, title)
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(t == int(t) for t in ticks), (title, ticks)
+    # Three steps are drawn as three points of every arm (no 5-step mean collapsing them),
+    # and arms on the same curve differ in line style and marker, not only colour.
+    reward = panel(fig, "Train reward")
+    assert all(len(line(reward, name).get_xdata()) == 3 for name in "abc")
+    assert len({line(reward, name).get_linestyle() for name in "abc"}) == 3
+    assert len({line(reward, name).get_marker() for name in "abc"}) == 3
+
+
+def test_plot_gives_each_arm_one_colour_in_every_panel(plt):
+    base = BaseReference(accuracy=0.2, n=100, final_accuracy=0.2, final_n=100)
+    arms = curves([("old", [(1.0, 0.3)] * 7), ("new", [(1.0, 0.3)] * 7)])
+    for m in arms[0].metrics:  # the first arm predates the solve metrics
+        del m["solve_rate"]
+    fig = figure(base, arms, plt)
+    colours = {ax.get_title(): {l.get_label(): l.get_color() for l in ax.lines} for ax in fig.axes}
+    assert set(colours["Train solve rate"]) == {"new"}
+    assert (colours["Held-out accuracy"]["new"] == colours["Train reward"]["new"]
+            == colours["Train solve rate"]["new"] != colours["Held-out accuracy"]["old"])

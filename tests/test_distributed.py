@@ -192,8 +192,8 @@ from mlx_tokenrl.checkpoint import adapter_weights
 
 real = trainer.run_step
 
-def run_step(model, tokenizer, task, cfg, world, *args):
-    metrics = real(model, tokenizer, task, cfg, world, *args)
+def run_step(model, tokenizer, task, cfg, world, *args, **kwargs):
+    metrics = real(model, tokenizer, task, cfg, world, *args, **kwargs)
     mx.save_safetensors(f"{sys.argv[1]}/rank{world.rank()}-step{metrics['step']}.safetensors",
                         adapter_weights(model))
     return metrics

@@ -189,6 +189,19 @@ def test_adapter_loads_in_mlx_lm_and_options_run(tiny_model_dir, dense_task, tmp
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
 
 
+@pytest.mark.parametrize("algo, step_phases", [("grpo", ["rollout", "loss"]),
+                                               ("t-spmo", ["rollout", "replay", "loss"])])
+def test_live_display_hears_each_phase_of_a_step(tiny_model_dir, tmp_path, algo, step_phases):
+    """on_phase names what a long step is doing, before the step's metrics arrive; the
+    in-training evaluation counts its examples (from 0: the first batch takes a while)."""
+    events = []
+    cfg = TrainConfig(task="multiply", digits="1x1", model=str(tiny_model_dir), algo=algo,
+                      steps=2, prompts_per_step=2, group_size=4, max_new_tokens=8,
+                      eval_every=2, eval_limit=3, warmup_steps=0, out=str(tmp_path / algo))
+    train(cfg, on_phase=events.append, on_step=lambda m: events.append(m["step"]))
+    assert events == [*step_phases, 1, *step_phases, "eval 0/3", "eval 3/3", 2]
+
+
 def test_format_reward_is_training_only(tiny_model_dir, dense_task, tmp_path, monkeypatch):
     seen = []
     real = trainer.rollout_and_select
