@@ -100,7 +100,16 @@ HELP = {
     "algo": ("Algorithm", "grpo (all tokens), s-grpo (stochastic subset) or t-spmo (prefix matching)."),
     "data": ("Task", "Local data file or directory instead of the Hugging Face dataset."),
     "digits": ("Task", "multiply: operand digits, e.g. 3x3."),
-    "reward_fn": ("Task", "Custom verifier 'module:function' or 'file.py:function'."),
+    "reward_fn": ("Task", "Reward function 'module:function' or 'file.py:function'; repeat it for several (the first decides what counts as solved)."),
+    "reward_weights": ("Task", "Comma-separated weights of the --reward-fn functions; the reward is the weighted sum (default: 1 each)."),
+    "hf_dataset": ("Task", "custom: a Hugging Face dataset (repo id) instead of --data."),
+    "hf_config": ("Task", "custom: the dataset's configuration (subset), e.g. main."),
+    "question_field": ("Task", "custom: the record field holding the question (default: prompt)."),
+    "answer_field": ("Task", "custom: the field holding the answer: a number, a '#### N' solution or text (default: answer)."),
+    "train_split": ("Task", "custom: the training split's name (a file NAME.jsonl/.json/.parquet in a --data directory)."),
+    "test_split": ("Task", "custom: the held-out split's name."),
+    "system_prompt": ("Prompt", "System message before each question (eval, generate and chat reuse the run's)."),
+    "instruction": ("Prompt", "Replaces the task's instruction after the question; a {question} in it places the question; '' for none."),
     "steps": ("Rollouts", "Policy updates to run."),
     "prompts_per_step": ("Rollouts", "Prompts per step (B)."),
     "group_size": ("Rollouts", "Completions per prompt (G)."),
@@ -122,6 +131,7 @@ HELP = {
     "lora_keys": ("LoRA", "Comma-separated module paths to adapt, e.g. self_attn.q_proj,self_attn.v_proj."),
     "quantize": ("LoRA", "Quantize the base model to this many bits on load (QLoRA)."),
     "dtype": ("LoRA", "auto (float32 on CPU, checkpoint dtype on Metal), float32, bfloat16, float16."),
+    "adapter_path": ("LoRA", "Start from this mlx-lm adapter (SFT or an earlier run); its rank, scale, layers and keys must match."),
     "sgrpo_alpha": ("S-GRPO", "The first alpha completion tokens are always in the loss."),
     "sgrpo_k": ("S-GRPO", "At most k tokens per completion in the loss."),
     "sgrpo_p": ("S-GRPO", "Probability that each later token joins the loss until k are chosen."),
@@ -139,7 +149,8 @@ HELP = {
     "samples_every": ("Tracking", "Write prompts, completions, rewards and selected tokens to samples.jsonl on step 1 and every N steps; 0 disables."),
     "samples_count": ("Tracking", "Prompts per sample (each with its whole group of completions)."),
 }
-CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": str}
+CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": list[str],
+             "reward_weights": str}
 
 
 def option_parameter(name, annotation, default=None):
@@ -153,7 +164,7 @@ def config_parameters(extra, skip=(), defaults=None):
     (shown in the help; `new_config` applies them below the config file's values)."""
     defaults = defaults or {}
     params = [inspect.Parameter("task", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        Optional[str], typer.Argument(help="svamp, gsm8k, multiply or jsonl.", show_default=False)],
+        Optional[str], typer.Argument(help="svamp, gsm8k, multiply or custom.", show_default=False)],
         default=None)]
     for f in fields(TrainConfig):
         if f.name == "task" or f.name in skip:
@@ -208,7 +219,7 @@ def resolve_config(cli_values: dict, config_file: Path | None, defaults=None) ->
 def new_config(kwargs, defaults=None) -> TrainConfig:
     config_file = kwargs.pop("config")
     if kwargs.get("task") is None and config_file is None:
-        raise UserError("name a task (svamp, gsm8k, multiply, jsonl) or pass --config")
+        raise UserError("name a task (svamp, gsm8k, multiply, custom) or pass --config")
     return resolve_config(kwargs, config_file, defaults)
 
 

@@ -15,7 +15,7 @@ from mlx_tokenrl.config import (DTYPE_CHOICES, TrainConfig, at_least, config_fro
 from mlx_tokenrl.launch import launched_rank
 from mlx_tokenrl.trainer import train as run_training
 
-from .common import (UserError, config_parameters, console, new_config, option_parameter,
+from .common import (HELP, UserError, config_parameters, console, new_config, option_parameter,
                      report_step, reported_errors, step_progress)
 
 
@@ -86,7 +86,7 @@ def train(**kwargs):
                                   f"tokenrl-mlx train --resume {cfg.out}", soft_wrap=True)
                 raise typer.Exit(130)
         if main:
-            console.print(f"adapter written to {cfg.out} (use --adapter {cfg.out})", soft_wrap=True)
+            console.print(f"adapter written to {cfg.out} (use --adapter-path {cfg.out})", soft_wrap=True)
 
 
 train.__signature__ = inspect.Signature(config_parameters([option_parameter(
@@ -95,15 +95,30 @@ train.__signature__ = inspect.Signature(config_parameters([option_parameter(
              "--steps may extend it).", rich_help_panel="Bookkeeping")])]))
 
 
+def help_of(name: str):
+    """A TrainConfig setting's help text, for eval's option of the same name."""
+    return typer.Option(help=HELP[name][1])
+
+
 def evaluate(
-    task: Annotated[str, typer.Argument(help="svamp, gsm8k, multiply or jsonl.")],
+    task: Annotated[str, typer.Argument(help="svamp, gsm8k, multiply or custom.")],
     model: Annotated[str, typer.Option(help="Hugging Face repo id, local mlx-lm directory or .gguf file.")] = TrainConfig.model,
-    adapter: Annotated[Optional[Path], typer.Option(help="mlx-lm adapter directory (e.g. a train --out).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(
+        "--adapter-path", "--adapter", help="mlx-lm adapter directory (e.g. a train --out: its "
+        "config.json's --system-prompt and --instruction are used unless given here).")] = None,
     split: Annotated[str, typer.Option(help="train or test.")] = "test",
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N examples.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Local data file or directory.")] = None,
     digits: Annotated[str, typer.Option(help="multiply: operand digits, e.g. 3x3.")] = TrainConfig.digits,
-    reward_fn: Annotated[Optional[str], typer.Option(help="Custom verifier 'module:function'.")] = None,
+    reward_fn: Annotated[Optional[str], typer.Option(help="Custom verifier 'module:function' (the correctness reward).")] = None,
+    system_prompt: Annotated[Optional[str], help_of("system_prompt")] = None,
+    instruction: Annotated[Optional[str], help_of("instruction")] = None,
+    hf_dataset: Annotated[Optional[str], help_of("hf_dataset")] = None,
+    hf_config: Annotated[Optional[str], help_of("hf_config")] = None,
+    question_field: Annotated[Optional[str], help_of("question_field")] = None,
+    answer_field: Annotated[Optional[str], help_of("answer_field")] = None,
+    train_split: Annotated[str, help_of("train_split")] = TrainConfig.train_split,
+    test_split: Annotated[str, help_of("test_split")] = TrainConfig.test_split,
     seed: Annotated[int, typer.Option(help="Seed of generated tasks (multiply).")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="Longest completion.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 32,
@@ -113,7 +128,7 @@ def evaluate(
     """Greedy held-out accuracy (and `####` format rate) of a model, with or without adapter."""
     from mlx_tokenrl.evaluate import evaluate as run_eval, write_eval
     from mlx_tokenrl.models import load_model
-    from mlx_tokenrl.tasks import load_task
+    from mlx_tokenrl.tasks import adapter_prompt, load_task
 
     with reported_errors():
         if limit is not None:
@@ -124,7 +139,11 @@ def evaluate(
         one_of("dtype", dtype, DTYPE_CHOICES)
         out = out or (Path(adapter) if adapter else Path("runs")) / f"eval-{task}-{split}"
         output_dir("out", out)
-        loaded = load_task(task, data=data, digits=digits, seed=seed, reward_fn=reward_fn)
+        prompt = adapter_prompt(adapter, instruction, system_prompt)
+        loaded = load_task(task, data=data, digits=digits, seed=seed, reward_fn=reward_fn,
+                           instruction=prompt.instruction, system_prompt=prompt.system_prompt,
+                           hf_dataset=hf_dataset, hf_config=hf_config, question_field=question_field,
+                           answer_field=answer_field, train_split=train_split, test_split=test_split)
         examples = loaded.split(split)[:limit]
         if not examples:
             raise UserError(f"{task} {split} split has no examples")
@@ -135,7 +154,8 @@ def evaluate(
         with progress:
             summary, records = run_eval(net, tokenizer, loaded, examples, max_new_tokens, batch_size,
                                         on_progress=lambda done, _: progress.update(bar, completed=done))
-        summary.update(task=task, split=split, model=model, adapter=str(adapter) if adapter else None)
+        summary.update(task=task, split=split, model=model, adapter=str(adapter) if adapter else None,
+                       instruction=loaded.instruction, system_prompt=loaded.system_prompt)
         low, high = summary["ci95"]
         console.print(f"accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}, "
                       f"95% CI {low:.1%}-{high:.1%}) | format rate {summary['format_rate']:.1%} | "

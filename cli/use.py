@@ -13,13 +13,22 @@ from .common import UserError, err_console, reported_errors
 
 ModelOpt = Annotated[str, typer.Option(
     help="Base model: hub id, local mlx-lm directory, fused directory or .gguf file.")]
+# mlx-lm spells it --adapter-path; --adapter is the older name here.
 AdapterOpt = Annotated[Optional[Path], typer.Option(
-    help="LoRA adapter directory (adapters.safetensors + adapter_config.json).")]
-SystemOpt = Annotated[Optional[str], typer.Option(help="System message put before the conversation.")]
+    "--adapter-path", "--adapter",
+    help="LoRA adapter directory (adapters.safetensors + adapter_config.json). A train run's "
+         "directory also brings its --system-prompt and --instruction.")]
+SystemOpt = Annotated[Optional[str], typer.Option(
+    "--system-prompt", "--system",
+    help="System message put before the conversation (default: the adapter's run's; '' for none).")]
+InstructionOpt = Annotated[Optional[str], typer.Option(
+    help="Instruction after each prompt, as training put it after each question ({question} "
+         "places the prompt; default: the adapter's run's, else none; '' for none).")]
 
 
 def fuse(
-    adapter: Annotated[Path, typer.Option(help="LoRA adapter directory to merge into the model.")],
+    adapter: Annotated[Path, typer.Option(
+        "--adapter-path", "--adapter", help="LoRA adapter directory to merge into the model.")],
     out: Annotated[Path, typer.Option(help="Directory to write the fused mlx-lm model to.")],
     model: ModelOpt = DEFAULT_MODEL,
     dequantize: Annotated[bool, typer.Option(
@@ -57,6 +66,13 @@ def _load(model, adapter):
     return load_model(model, adapter_path=adapter)
 
 
+def _prompt_settings(adapter, instruction, system):
+    """Flags over the adapter's training run's prompt over none (training's own helper)."""
+    from mlx_tokenrl.tasks import adapter_prompt
+
+    return adapter_prompt(adapter, instruction, system, default_instruction="")
+
+
 def _sampler(temperature: float, top_p: float = 1.0):
     from mlx_lm.sample_utils import make_sampler
 
@@ -87,20 +103,24 @@ def chat(
     model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     system: SystemOpt = None,
+    instruction: InstructionOpt = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1 = off).")] = 1.0,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
 ):
     """Multi-turn chat in the terminal. /reset starts over, /exit or Ctrl-D quits."""
+    from mlx_tokenrl.tasks import user_message
+
     with reported_errors():
         check_sampling(temperature, max_tokens, top_p=top_p)
+        prompt = _prompt_settings(adapter, instruction, system)
         net, tokenizer = _load(model, adapter)
         if not tokenizer.has_chat_template:
             raise UserError(f"model {model!r} has no chat template; use `generate --raw`")
         tty = sys.stdin.isatty()
         if tty:
             err_console.print("[dim]/reset starts over, /exit or Ctrl-D quits[/]", highlight=False)
-        start = [{"role": "system", "content": system}] if system else []
+        start = [{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []
         messages = list(start)
         sampler = _sampler(temperature, top_p)
         while True:
@@ -118,7 +138,7 @@ def chat(
                 continue
             if not line:
                 continue
-            messages.append({"role": "user", "content": line})
+            messages.append({"role": "user", "content": user_message(line, prompt.instruction)})
             if not tty:
                 print("> ", end="")  # marks where each reply starts in piped output
             reply = _stream(net, tokenizer, _chat_prompt(tokenizer, messages), max_tokens, sampler)
@@ -130,23 +150,32 @@ def generate(
     model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     system: SystemOpt = None,
+    instruction: InstructionOpt = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 512,
-    raw: Annotated[bool, typer.Option(help="Feed the prompt as is, without the chat template.")] = False,
+    raw: Annotated[bool, typer.Option(help="Feed the prompt as is: no chat template, system prompt or instruction.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling (temperature > 0).")] = 0,
 ):
-    """One-shot completion for scripts: prints only the generated text to stdout."""
+    """One-shot completion for scripts: prints only the generated text to stdout. The prompt is
+    put as training puts a question: the chat template (or a plain Question/Answer layout),
+    the adapter's run's system prompt and instruction."""
     import mlx.core as mx
+
+    from mlx_tokenrl.rollout import encode_prompts
+    from mlx_tokenrl.tasks import format_prompt
 
     with reported_errors():
         check_sampling(temperature, max_tokens, seed=seed)
+        if raw and system:
+            raise UserError("--system-prompt does not apply with --raw: put it in the prompt")
+        if raw and instruction:
+            raise UserError("--instruction does not apply with --raw: put it in the prompt")
         if prompt == "-":
             prompt = sys.stdin.read()
+        settings = _prompt_settings(adapter, instruction, system)
         net, tokenizer = _load(model, adapter)
-        if not raw and tokenizer.has_chat_template:
-            messages = [{"role": "system", "content": system}] if system else []
-            prompt = _chat_prompt(tokenizer, messages + [{"role": "user", "content": prompt}])
-        elif system:
-            raise UserError("--system needs the chat template: drop --raw or put it in the prompt")
+        if not raw:  # token ids exactly as training encodes its prompts
+            prompt = encode_prompts(tokenizer, [format_prompt(
+                tokenizer, prompt, settings.instruction, settings.system_prompt)])[0]
         mx.random.seed(seed)
         _stream(net, tokenizer, prompt, max_tokens, _sampler(temperature))

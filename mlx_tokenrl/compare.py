@@ -21,13 +21,15 @@ from .compare_plot import ArmCurves, BaseReference, save_figure
 from .config import ALGOS, ConfigError, TrainConfig, at_least, coerce
 from .evaluate import evaluate, write_eval
 from .models import check_lora_fits, load_model
-from .tasks import load_task
+from .tasks import task_from_config
 from .trainer import no_phase, train
 
 # What makes arms comparable: the same task, model, data order and rollout budget.
 SHARED = {"task", "model", "data", "digits", "reward_fn", "seed", "steps", "prompts_per_step",
           "group_size", "max_new_tokens", "eval_every", "eval_limit", "save_every", "out",
-          "quantize", "dtype", "lora_keys"}
+          "quantize", "dtype", "lora_keys", "reward_weights", "hf_dataset", "hf_config",
+          "question_field", "answer_field", "train_split", "test_split", "system_prompt",
+          "instruction", "adapter_path"}
 
 
 def parse_arm(spec: str) -> tuple[str, dict]:
@@ -79,8 +81,7 @@ def evaluate_arm(cfg: TrainConfig, adapter, eval_limit: int, out: Path, on_progr
                  lora_arms=()) -> dict:
     """Score a model (with `adapter`) and write its evaluation into `out`. `lora_arms`: arm
     configs whose LoRA settings are checked against the model before anything is written."""
-    task = load_task(cfg.task, data=cfg.data, digits=cfg.digits, seed=cfg.seed,
-                     reward_fn=cfg.reward_fn)
+    task = task_from_config(cfg)  # the run's prompt too: trained and scored on the same question
     model, tokenizer = load_model(cfg.model, adapter_path=adapter, dtype=cfg.dtype,
                                   quantize_bits=cfg.quantize)
     for arm_cfg in lora_arms:
@@ -155,7 +156,7 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
     # The base evaluation loads the task and the model first: bad data, model or LoRA keys
     # stop the compare before anything is written.
     base = (json.loads(done.read_text()) if finished
-            else evaluate_arm(cfg, None, final_limit, base_dir, on_eval,
+            else evaluate_arm(cfg, cfg.adapter_path, final_limit, base_dir, on_eval,
                               lora_arms=[arm_cfg for _, arm_cfg in arms]))
     settings = {"config": cfg.__dict__, "final_eval_limit": final_limit}
     (out / "compare_config.json").write_text(json.dumps(

@@ -62,6 +62,11 @@ def coerce(name: str, value, kind):
         if isinstance(items, list) and all(isinstance(item, str) for item in items):
             return [item.strip() for item in items if item.strip()]
         raise ConfigError(f"{flag(name)}: expected comma-separated names, not {value!r}")
+    if base == list[float]:
+        items = text.split(",") if text is not None else value
+        if isinstance(items, list):
+            return [coerce(name, item, float) for item in items]
+        raise ConfigError(f"{flag(name)}: expected comma-separated numbers, not {value!r}")
     if isinstance(value, str):
         return value
     raise ConfigError(f"{flag(name)}: expected text, not {value!r}")
@@ -75,7 +80,19 @@ class TrainConfig:
     algo: str = "t-spmo"
     data: str | None = None
     digits: str = "3x3"
-    reward_fn: str | None = None
+    # several reward functions: the weighted sum is the reward, the first decides "solved"
+    reward_fn: list[str] | None = None
+    reward_weights: list[float] | None = None
+    # task custom: any Hugging Face dataset (or --data file), the fields and splits to read
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    question_field: str | None = None
+    answer_field: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    # the prompt (None: the task's instruction, no system message); eval reads them back
+    system_prompt: str | None = None
+    instruction: str | None = None
     # rollouts
     steps: int = 100
     prompts_per_step: int = 8
@@ -100,6 +117,7 @@ class TrainConfig:
     lora_keys: list[str] | None = None
     quantize: int | None = None
     dtype: str = "auto"
+    adapter_path: str | None = None  # start from this adapter's weights (SFT or an earlier run)
     # algorithm knobs
     # S-GRPO: ~24 tokens within the first ~30 of each completion. The loss's forward pass
     # then stops early (memory and time well under half of GRPO's, scripts/bench_step.py).
@@ -131,7 +149,7 @@ class TrainConfig:
 
     def validate(self):
         """Every value in its range, else ConfigError: before any model work."""
-        for name in ("task", "model", "digits", "out", "project_name"):
+        for name in ("task", "model", "digits", "out", "project_name", "train_split", "test_split"):
             require(bool(getattr(self, name).strip()), f"{flag(name)} must not be empty")
         one_of("algo", self.algo, ALGOS)
         one_of("loss_norm", self.loss_norm, ("sequence", "token"))

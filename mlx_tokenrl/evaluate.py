@@ -5,9 +5,8 @@ import json
 import math
 from pathlib import Path
 
-from .rewards import extract_answer
+from .rewards import correctness_reward, extract_answer, is_solved
 from .rollout import SamplingParams, encode_prompts, rollout
-from .tasks import format_prompt
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96):
@@ -27,15 +26,15 @@ def evaluate(model, tokenizer, task, examples, max_new_tokens: int = 256,
     records = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        prompts = [format_prompt(tokenizer, ex.question, task.instruction) for ex in chunk]
+        prompts = [task.prompt(tokenizer, ex.question) for ex in chunk]
         completions = rollout(model, tokenizer, encode_prompts(tokenizer, prompts), 1, params,
                               seeds=[0] * len(chunk), answers=[ex.answer for ex in chunk],
-                              reward_fn=task.reward)
+                              reward_fn=correctness_reward(task.reward))
         for ex, prompt, c in zip(chunk, prompts, completions):
             extracted, formatted = extract_answer(c.text)
             records.append({"question": ex.question, "prompt": prompt, "completion": c.text,
                             "extracted": extracted, "answer": ex.answer,
-                            "correct": c.reward >= 1.0, "formatted": formatted,
+                            "correct": is_solved(c.reward), "formatted": formatted,
                             "truncated": c.truncated, "tokens": len(c.tokens)})
         if on_progress:
             on_progress(len(records), len(examples))

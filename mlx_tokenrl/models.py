@@ -8,6 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
+from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -185,6 +186,48 @@ def add_lora(net, config: dict):
         num_layers = len(net.layers)
     linear_to_lora_layers(net, num_layers, config["lora_parameters"])
     return net
+
+
+def lora_flags(net, config: dict) -> dict:
+    """What an adapter config asks of a model, as train's flags name it."""
+    params = config.get("lora_parameters", {})
+    layers = config.get("num_layers", -1)
+    return {"--lora-rank": params.get("rank"), "--lora-scale": params.get("scale"),
+            "--lora-layers": len(net.layers) if layers < 0 else layers}
+
+
+def init_from_adapter(net, adapter_path, config: dict):
+    """Start the LoRA layers that `config` put into `net` (add_lora) from an existing adapter:
+    one from mlx-lm's lora command (SFT, say) or an earlier run. It must have this run's rank,
+    scale, layers and keys: otherwise it would start from another policy, or not fit at all.
+    mlx-lm's load_adapters would build the LoRA layers from the adapter's own config instead
+    of checking them against the run's."""
+    adapter_path = Path(adapter_path)
+    check_adapter_files(adapter_path)
+    where = f"--adapter-path {adapter_path}"
+    saved = json.loads((adapter_path / "adapter_config.json").read_text())
+    kind = saved.get("fine_tune_type", "lora")
+    if kind != "lora":
+        raise ConfigError(f"{where} is a {kind} adapter; a run starts only from a LoRA adapter")
+    ours, theirs = lora_flags(net, config), lora_flags(net, saved)
+    differ = [name for name in ours if ours[name] != theirs[name]]
+    if differ:
+        raise ConfigError(f"{where} was trained with {' '.join(f'{n} {theirs[n]}' for n in differ)}, "
+                          f"this run has {' '.join(f'{n} {ours[n]}' for n in differ)}: pass the "
+                          f"adapter's")
+    params = dict(tree_flatten(net.trainable_parameters()))
+    weights = mx.load(str(adapter_path / "adapters.safetensors"))
+    if params.keys() != weights.keys():
+        keys = saved.get("lora_parameters", {}).get("keys")
+        first = sorted(params.keys() ^ weights.keys())[0]
+        raise ConfigError(f"{where} adapts other modules than this run (e.g. {first}); pass its "
+                          f"--lora-keys ({','.join(keys) if keys else 'the default: all linear layers'})")
+    wrong = [k for k in params if params[k].shape != weights[k].shape]
+    if wrong:
+        raise ConfigError(f"{where} does not fit this model: {wrong[0]} has shape "
+                          f"{tuple(weights[wrong[0]].shape)}, the model's {tuple(params[wrong[0]].shape)}")
+    net.load_weights([(k, w.astype(params[k].dtype)) for k, w in weights.items()], strict=False)
+    mx.eval(net.parameters())
 
 
 def save_adapter_config(out_dir, config: dict, base_model: str):

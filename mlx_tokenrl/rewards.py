@@ -147,15 +147,73 @@ def is_solved(reward: float) -> bool:
     return reward >= SOLVED_REWARD
 
 
-def with_format_bonus(reward_fn, weight: float):
-    """`reward_fn` plus `weight` when the answer is given as '#### N' or '\\boxed{N}'. A small model rarely
-    answers a hard task right, so most groups carry no signal; crediting the format gives
-    them some, and keeps a trained model from drifting off the format."""
+def format_score(completion: str, answer) -> float:
+    """1.0 when the completion's answer is given as '#### N' or '\\boxed{N}': the format bonus."""
+    return 1.0 if extract_answer(completion)[1] else 0.0
 
-    def reward(completion: str, answer) -> float:
-        return reward_fn(completion, answer) + (weight if extract_answer(completion)[1] else 0.0)
 
-    return reward
+@dataclass(frozen=True)
+class WeightedRewards:
+    """Several reward functions, each `fn(completion_text, answer) -> float`; the reward is
+    their weighted sum (TRL's reward_funcs and reward_weights).
+
+    The first function is the correctness reward: a completion is solved (the solve rate,
+    T-SPMO's replay, eval accuracy) when that function gives it a full reward, whatever the
+    others add or take away. A weighted sum cannot tell: 1 * format + 1 * length would reach 1
+    with a wrong answer."""
+    names: tuple[str, ...]
+    functions: tuple[Callable[[str, str], float], ...]
+    weights: tuple[float, ...]
+
+    def scores(self, completion: str, answer) -> dict[str, float]:
+        """Each function's own (unweighted) score, by name."""
+        return {name: float(fn(completion, answer)) for name, fn in zip(self.names, self.functions)}
+
+    def total(self, scores: dict[str, float]) -> float:
+        return sum(weight * scores[name] for name, weight in zip(self.names, self.weights))
+
+    def solved(self, scores: dict[str, float]) -> bool:
+        return is_solved(scores[self.names[0]])
+
+    def __call__(self, completion: str, answer) -> float:
+        return self.total(self.scores(completion, answer))
+
+
+CORRECTNESS = "correct"  # the name a task's own reward goes by among several
+
+
+def weighted(reward) -> WeightedRewards:
+    """`reward` as WeightedRewards: a single function is one named "correct", weight 1."""
+    if isinstance(reward, WeightedRewards):
+        return reward
+    return WeightedRewards((CORRECTNESS,), (reward,), (1.0,))
+
+
+def correctness_reward(reward):
+    """The function that decides what counts as correct: the first of several."""
+    return weighted(reward).functions[0]
+
+
+def unique_names(names) -> tuple[str, ...]:
+    """Names made distinct for logging: a repeated one gets _2, _3, ... (a.py:score, b.py:score)."""
+    out: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in out:
+            n += 1
+            candidate = f"{name}_{n}"
+        out.append(candidate)
+    return tuple(out)
+
+
+def with_format_bonus(reward_fn, weight: float) -> WeightedRewards:
+    """`reward_fn` plus `weight` when the answer is given as '#### N' or '\\boxed{N}' (a
+    function named "format" among the rewards). A small model rarely answers a hard task
+    right, so most groups carry no signal; crediting the format gives them some, and keeps a
+    trained model from drifting off the format."""
+    rewards = weighted(reward_fn)
+    return WeightedRewards(unique_names(rewards.names + ("format",)),
+                           rewards.functions + (format_score,), rewards.weights + (weight,))
 
 
 def _normalise_text(text: str) -> str:
@@ -213,3 +271,14 @@ def load_reward_fn(spec: str) -> Callable[[str, str], float]:
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable")
     return fn
+
+
+def load_reward_fns(specs: list[str], weights: list[float] | None = None) -> WeightedRewards:
+    """Several reward functions ("module:function" or "file.py:function"), each named after
+    its function, weighted by `weights` (default: 1 each). The first is the correctness reward."""
+    if weights is not None and len(weights) != len(specs):
+        raise ValueError(f"--reward-weights has {len(weights)} weight(s) for {len(specs)} "
+                         f"--reward-fn function(s): give one weight per function")
+    return WeightedRewards(unique_names(spec.rpartition(":")[2] for spec in specs),
+                           tuple(load_reward_fn(spec) for spec in specs),
+                           tuple(weights) if weights is not None else (1.0,) * len(specs))

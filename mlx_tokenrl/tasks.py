@@ -6,11 +6,18 @@ Built-in tasks:
   gsm8k     GSM8K (question, answer with '#### N'). Local data or the hub's openai/gsm8k
             (checked to be reachable first: one line at once, not huggingface_hub's retries).
   multiply  a times b, generated from `digits` ("3x3"), seeded, train/test disjoint.
-  jsonl     your own data (prompt, answer); numeric reward if every answer is a number.
+  custom    your own data: local files or any Hugging Face dataset, with the fields that hold
+            question and answer (default prompt, answer); numeric reward if every answer is
+            a number (or a '#### N' solution), else exact match. `jsonl` is its older name.
 
-`data` is either a directory holding train/test files (`train.json` or `train.jsonl`, same for
-test) or a single file, which is then used for BOTH splits (handy for quick runs; the test
-accuracy is then measured on training data). Files may be JSON arrays or JSON Lines.
+`data` is either a directory holding train/test files (`train.json`, `train.jsonl` or
+`train.parquet`, same for test; `custom` can rename the splits) or a single file, which is
+then used for BOTH splits (handy for quick runs; the test accuracy is then measured on
+training data). Files may be JSON arrays, JSON Lines or Parquet.
+
+The prompt is the question, then the task's instruction (or one given instead: a
+`{question}` in it places the question), in the tokenizer's chat template after an optional
+system prompt.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .hub import unreachable_reason
-from .rewards import MARKER, exact_match_reward, load_reward_fn, numeric_reward, parse_number
+from .models import first_line
+from .rewards import MARKER, exact_match_reward, load_reward_fns, numeric_reward, parse_number
 
 INSTRUCTION = "Think step by step, then give the final answer as a single number after '####'."
+QUESTION = "{question}"  # where an instruction that holds it places the question
 SPLITS = ("train", "test")
+SUFFIXES = (".jsonl", ".json", ".parquet")
 SVAMP_DIR = Path(__file__).parent / "data" / "svamp"  # shipped as package data (pyproject.toml)
 
 Reward = Callable[[str, str], float]
@@ -50,6 +60,11 @@ class Task:
     test: list[Example]
     reward: Reward
     instruction: str = INSTRUCTION
+    system_prompt: str | None = None
+
+    def prompt(self, tokenizer: Any, question: str) -> str:
+        """The prompt text for `question`, as training and evaluation ask it."""
+        return format_prompt(tokenizer, question, self.instruction, self.system_prompt)
 
     def split(self, name: str) -> list[Example]:
         """The examples of split "train" or "test"."""
@@ -58,19 +73,41 @@ class Task:
         return getattr(self, name)
 
 
-def format_prompt(tokenizer: Any, question: str, instruction: str = INSTRUCTION) -> str:
-    """The prompt text: the tokenizer's chat template if it has one, else a plain Q/A layout."""
+def user_message(question: str, instruction: str) -> str:
+    """The user's turn: the question, then the instruction on a line of its own; an instruction
+    holding {question} is the whole message, the question in its place (other braces stay)."""
+    if QUESTION in instruction:
+        return instruction.replace(QUESTION, question)
+    return f"{question}\n{instruction}" if instruction else question
+
+
+def format_prompt(tokenizer: Any, question: str, instruction: str = INSTRUCTION,
+                  system_prompt: str | None = None) -> str:
+    """The prompt text: the tokenizer's chat template if it has one, else a plain Q/A layout
+    (the system prompt, if any, first)."""
+    content = user_message(question, instruction)
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": f"{question}\n{instruction}"}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return f"Question: {question}\n{instruction}\nAnswer:"
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        try:
+            return tokenizer.apply_chat_template(system + [{"role": "user", "content": content}],
+                                                 add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # gemma's template, for one, raises on a system message
+            if not system:
+                raise
+            raise TaskError(f"--system-prompt: the model's chat template refuses a system "
+                            f"message ({type(exc).__name__}: {exc})") from None
+    plain = f"Question: {content}\nAnswer:"
+    return f"{system_prompt}\n\n{plain}" if system_prompt else plain
 
 
 # ---------------------------------------------------------------- reading and validating
 
 
 def _read_records(path: Path) -> list[Record]:
-    """Records of a JSON array or JSON Lines file, each tagged "<path>, line N" / "<path>, record I"."""
+    """Records of a JSON array, JSON Lines or Parquet file, each tagged "<path>, line N" /
+    "<path>, record I" / "<path>, row I"."""
+    if path.suffix == ".parquet":
+        return _parquet_records(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -88,6 +125,19 @@ def _read_records(path: Path) -> list[Record]:
         if not isinstance(record, dict):
             raise TaskError(f"{where}: expected a JSON object, got {type(record).__name__}")
     return records
+
+
+def _parquet_records(path: Path) -> list[Record]:
+    import pyarrow  # installed with datasets
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise TaskError(f"{path}: not a readable Parquet file ({first_line(exc)})") from exc
+    if not rows:
+        raise TaskError(f"{path}: file has no records")
+    return [(f"{path}, row {i} (0-based)", row) for i, row in enumerate(rows)]
 
 
 def _parse_array(path: Path, text: str) -> list[tuple[str, Any]]:
@@ -114,7 +164,8 @@ def _parse_lines(path: Path, text: str) -> list[tuple[str, Any]]:
 def _field(record: dict, name: str, where: str, types: tuple = (str,)) -> Any:
     value = record.get(name)
     if value is None:
-        raise TaskError(f"{where}: missing field {name!r}")
+        fields = ", ".join(repr(k) for k, v in record.items() if v is not None) or "none"
+        raise TaskError(f"{where}: missing field {name!r} (fields there: {fields})")
     if not isinstance(value, types) or isinstance(value, bool):
         raise TaskError(f"{where}: field {name!r} must be {' or '.join(t.__name__ for t in types)}, "
                         f"got {type(value).__name__}")
@@ -138,7 +189,9 @@ def _number_text(value: Any, name: str, where: str) -> str:
     return repr(number)
 
 
-def _split_paths(data: str, task: str) -> dict[str, Path]:
+def _split_paths(data: str, task: str, names: dict[str, str]) -> dict[str, Path]:
+    """The file of each split: `data` itself, or NAME.jsonl/.json/.parquet in the directory
+    `data` (NAME: the split's name there, `names[split]`)."""
     path = Path(data).expanduser()
     if path.is_file():
         return {split: path for split in SPLITS}
@@ -146,18 +199,21 @@ def _split_paths(data: str, task: str) -> dict[str, Path]:
         raise TaskError(f"{path}: no such file or directory (data for task {task!r})")
     paths = {}
     for split in SPLITS:
-        found = [path / f"{split}{ext}" for ext in (".jsonl", ".json") if (path / f"{split}{ext}").is_file()]
+        found = [path / f"{names[split]}{ext}" for ext in SUFFIXES if (path / f"{names[split]}{ext}").is_file()]
         if not found:
-            raise TaskError(f"{path}: no {split}.jsonl or {split}.json (data for task {task!r})")
+            raise TaskError(f"{path}: no {' or '.join(names[split] + ext for ext in SUFFIXES)} "
+                            f"(data for task {task!r})")
         paths[split] = found[0]
     return paths
 
 
-def _local_records(data: str, task: str) -> dict[str, list[Record]]:
-    return {split: _read_records(p) for split, p in _split_paths(data, task).items()}
+def _local_records(data: str, task: str, names: dict[str, str] | None = None) -> dict[str, list[Record]]:
+    paths = _split_paths(data, task, names or dict(zip(SPLITS, SPLITS)))
+    return {split: _read_records(p) for split, p in paths.items()}
 
 
-def _hub_records(repo: str, config: str | None) -> dict[str, list[Record]]:
+def _hub_records(repo: str, config: str | None, names: dict[str, str] | None = None) -> dict[str, list[Record]]:
+    names = names or dict(zip(SPLITS, SPLITS))
     from huggingface_hub import is_offline_mode
 
     # Offline, datasets sends nothing (it reads its cache or fails at once); online, a hub it
@@ -170,16 +226,24 @@ def _hub_records(repo: str, config: str | None) -> dict[str, list[Record]]:
         import datasets
 
         dataset = datasets.load_dataset(repo, config)
-        return {split: [(f"{repo} {split} row {i}", dict(row)) for i, row in enumerate(dataset[split])]
-                for split in SPLITS}
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise TaskError(f"could not load {repo!r} from the Hugging Face hub ({type(exc).__name__}: "
-                        f"{reason}); pass --data PATH to use local files") from exc
+                        f"{first_line(exc)}); pass --data PATH to use local files") from exc
+    missing = [name for name in names.values() if name not in dataset]
+    if missing:
+        raise TaskError(f"{repo} has no split {missing[0]!r} (it has: {', '.join(dataset)}); "
+                        f"name them with --train-split and --test-split")
+    records = {split: [(f"{repo} {names[split]} row {i}", dict(row)) for i, row in enumerate(dataset[names[split]])]
+               for split in SPLITS}
+    empty = [names[split] for split in SPLITS if not records[split]]
+    if empty:
+        raise TaskError(f"{repo}: split {empty[0]!r} has no rows")
+    return records
 
 
-def _records(data: str | None, task: str, repo: str, config: str | None = None) -> dict[str, list[Record]]:
-    return _local_records(data, task) if data is not None else _hub_records(repo, config)
+def _records(data: str | None, task: str, repo: str, config: str | None = None,
+             names: dict[str, str] | None = None) -> dict[str, list[Record]]:
+    return _local_records(data, task, names) if data is not None else _hub_records(repo, config, names)
 
 
 def _convert(records: dict[str, list[Record]], example: Callable[[dict, str], Example]) -> dict[str, list[Example]]:
@@ -196,23 +260,31 @@ def _svamp_example(rec: dict, where: str) -> Example:
     return Example(_text(f"{body} {question}", "Body/Question", where), _number_text(answer, "Answer", where))
 
 
+def _solution_answer(solution: str, name: str, where: str) -> str:
+    """The number after the last '####' of a GSM8K-style solution."""
+    _, marker, gold = solution.rpartition(MARKER)
+    if not marker:
+        raise TaskError(f"{where}: field {name!r} has no '{MARKER}' before the final answer")
+    return _number_text(gold, name, where)
+
+
 def _gsm8k_example(rec: dict, where: str) -> Example:
     question = _field(rec, "question", where)
     solution = _field(rec, "answer", where)
-    _, marker, gold = solution.rpartition(MARKER)
-    if not marker:
-        raise TaskError(f"{where}: field 'answer' has no '{MARKER}' before the final answer")
-    return Example(_text(question, "question", where), _number_text(gold, "answer", where))
+    return Example(_text(question, "question", where), _solution_answer(solution, "answer", where))
 
 
-def _jsonl_example(rec: dict, where: str) -> Example:
-    prompt = _field(rec, "prompt", where)
-    answer = _field(rec, "answer", where, (str, int, float))
-    answer = answer.strip() if isinstance(answer, str) else _number_text(answer, "answer", where)
+def _custom_example(rec: dict, where: str, question_field: str, answer_field: str) -> Example:
+    prompt = _field(rec, question_field, where)
+    answer = _field(rec, answer_field, where, (str, int, float))
+    if isinstance(answer, str) and MARKER in answer:
+        answer = _solution_answer(answer, answer_field, where)
+    else:
+        answer = answer.strip() if isinstance(answer, str) else _number_text(answer, answer_field, where)
     if not answer:
-        raise TaskError(f"{where}: field 'answer' is empty")
+        raise TaskError(f"{where}: field {answer_field!r} is empty")
     if not prompt.strip():
-        raise TaskError(f"{where}: field 'prompt' is empty")
+        raise TaskError(f"{where}: field {question_field!r} is empty")
     return Example(prompt.strip(), answer)  # user prompts keep their own line breaks
 
 
@@ -228,14 +300,21 @@ def _load_gsm8k(data: str | None, **_) -> Task:
     return Task("gsm8k", splits["train"], splits["test"], numeric_reward)
 
 
-def _load_jsonl(data: str | None, **_) -> Task:
-    if data is None:
-        raise TaskError("task 'jsonl' needs data: pass --data PATH (a .jsonl file or a directory "
-                        "with train.jsonl and test.jsonl)")
-    splits = _convert(_local_records(data, "jsonl"), _jsonl_example)
+def _load_custom(data: str | None, hf_dataset: str | None = None, hf_config: str | None = None,
+                 question_field: str | None = None, answer_field: str | None = None,
+                 train_split: str = "train", test_split: str = "test", name: str = "custom",
+                 **_) -> Task:
+    if data is None and hf_dataset is None:
+        raise TaskError(f"task {name!r} needs data: pass --data PATH (a .jsonl, .json or .parquet "
+                        f"file, or a directory with train and test files) or --hf-dataset NAME")
+    names = {"train": train_split, "test": test_split}
+    records = (_local_records(data, name, names) if data is not None
+               else _hub_records(hf_dataset, hf_config, names))
+    fields = (question_field or "prompt", answer_field or "answer")
+    splits = _convert(records, lambda rec, where: _custom_example(rec, where, *fields))
     answers = [ex.answer for split in splits.values() for ex in split]
     numeric = all(parse_number(a) is not None for a in answers)
-    return Task("jsonl", splits["train"], splits["test"], numeric_reward if numeric else exact_match_reward)
+    return Task(name, splits["train"], splits["test"], numeric_reward if numeric else exact_match_reward)
 
 
 def _parse_digits(digits: str) -> tuple[int, int]:
@@ -290,27 +369,96 @@ LOADERS: dict[str, Callable[..., Task]] = {
     "svamp": _load_svamp,
     "gsm8k": _load_gsm8k,
     "multiply": _load_multiply,
-    "jsonl": _load_jsonl,
+    "custom": _load_custom,
+    "jsonl": _load_custom,  # the older name of custom
 }
+CUSTOM_ONLY = ("hf_dataset", "hf_config", "question_field", "answer_field", "train_split", "test_split")
+SPLIT_DEFAULTS = {"train_split": "train", "test_split": "test"}
 
 
 def load_task(name: str, data: str | None = None, digits: str = "3x3", seed: int = 0,
-              reward_fn: str | None = None, train_size: int = 5000, test_size: int = 500) -> Task:
+              reward_fn: str | list[str] | None = None, train_size: int = 5000, test_size: int = 500,
+              reward_weights: list[float] | None = None, instruction: str | None = None,
+              system_prompt: str | None = None, hf_dataset: str | None = None,
+              hf_config: str | None = None, question_field: str | None = None,
+              answer_field: str | None = None, train_split: str = "train",
+              test_split: str = "test") -> Task:
     """Load and validate a task; raises TaskError on unknown names or bad data.
 
     train_size/test_size only apply to `multiply`; file/hub tasks keep every record.
-    `reward_fn` ("module:function" or "file.py:function") replaces the task's reward.
+    `reward_fn` ("module:function" or "file.py:function", or a list of them with
+    `reward_weights`) replaces the task's reward. `instruction` replaces the task's
+    instruction, `system_prompt` adds a system message. The rest are settings of task
+    custom: a hub dataset (instead of `data`), the fields holding question and answer, the
+    names of the train and test splits.
     """
-    loader = LOADERS.get(name.strip().lower())
+    key = name.strip().lower()
+    loader = LOADERS.get(key)
     if loader is None:
         raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(LOADERS)}")
-    custom = None
-    if reward_fn is not None:
-        try:
-            custom = load_reward_fn(reward_fn)
-        except ValueError as exc:
-            raise TaskError(str(exc)) from exc
-    task = loader(data=data, digits=digits, seed=seed, train_size=train_size, test_size=test_size)
-    if custom is not None:
-        task.reward = custom
+    custom = dict(hf_dataset=hf_dataset, hf_config=hf_config, question_field=question_field,
+                  answer_field=answer_field, train_split=train_split, test_split=test_split)
+    # Given to another task they would be ignored silently.
+    given = {k: v for k, v in custom.items() if v is not None and v != SPLIT_DEFAULTS.get(k)}
+    if loader is not _load_custom and given:
+        raise TaskError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: only task custom "
+                        f"reads it, not {name!r}")
+    if data is not None and hf_dataset is not None:
+        raise TaskError("pass --data or --hf-dataset, not both")
+    reward = _custom_reward(reward_fn, reward_weights)
+    task = loader(data=data, digits=digits, seed=seed, train_size=train_size, test_size=test_size,
+                  name=key, **given)
+    if reward is not None:
+        task.reward = reward
+    if instruction is not None:
+        task.instruction = instruction
+    task.system_prompt = system_prompt or None
     return task
+
+
+def _custom_reward(reward_fn: str | list[str] | None, weights: list[float] | None):
+    """The reward functions a run names, loaded before any data (a typo fails first)."""
+    specs = [reward_fn] if isinstance(reward_fn, str) else list(reward_fn or [])
+    if weights is not None and not specs:
+        raise TaskError("--reward-weights needs --reward-fn: one weight per reward function")
+    if not specs:
+        return None
+    try:
+        return load_reward_fns(specs, weights)
+    except ValueError as exc:
+        raise TaskError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    instruction: str | None  # None: the task's own
+    system_prompt: str | None
+
+
+def adapter_prompt(adapter: str | Path | None, instruction: str | None, system_prompt: str | None,
+                   default_instruction: str | None = None) -> PromptSettings:
+    """The prompt to ask with an adapter: what is given here, else what the training run that
+    wrote the adapter (its run directory) saved in its config.json, else no system prompt and
+    `default_instruction`. An adapter made elsewhere (mlx-lm's lora) has no config.json."""
+    saved = Path(adapter) / "config.json" if adapter is not None else None
+    if saved is None or not saved.is_file():
+        return PromptSettings(instruction if instruction is not None else default_instruction,
+                              system_prompt)
+    try:
+        run = json.loads(saved.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TaskError(f"{saved}: not a run's config.json ({exc})") from None
+    if not isinstance(run, dict):
+        raise TaskError(f"{saved}: not a run's config.json (not a mapping)")
+    if instruction is None:
+        # A run that left it unset asked with the task's own: every built-in task's.
+        instruction = INSTRUCTION if run.get("instruction") is None else run["instruction"]
+    return PromptSettings(instruction, system_prompt if system_prompt is not None else run.get("system_prompt"))
+
+
+def task_from_config(cfg) -> Task:
+    """The task a run's config (TrainConfig) describes: data, reward functions, prompt."""
+    return load_task(cfg.task, data=cfg.data, digits=cfg.digits, seed=cfg.seed,
+                     reward_fn=cfg.reward_fn, reward_weights=cfg.reward_weights,
+                     instruction=cfg.instruction, system_prompt=cfg.system_prompt,
+                     **{k: getattr(cfg, k) for k in CUSTOM_ONLY})

@@ -31,15 +31,16 @@ from .evaluate import evaluate, summary_from_counts
 from .loss import (LossRow, attach_ref_logprobs, check_selected_logprobs, make_loss_and_grad,
                    make_microbatches, normalisation_weights)
 from .config import ConfigError, TrainConfig, config_from_dict
-from .models import add_lora, load_model, lora_config, save_adapter_config
+from .models import (add_lora, check_adapter_files, init_from_adapter, load_model, lora_config,
+                     save_adapter_config)
 from .replay import replay_step
-from .rewards import is_solved, with_format_bonus
+from .rewards import weighted, with_format_bonus
 from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout
 from .samples import SampleLog, SelectedGroup
 from .seeds import DATA_ORDER, SAMPLING, SELECTION, derived_rng, derived_seed
 from .selection import NORMALISED_OVER, grpo_selection, has_signal, sgrpo_selection, tspmo_selection
 from .sync import broadcast_training_state, check_configs_agree, check_inputs_agree, ensure_ranks_agree
-from .tasks import format_prompt, load_task
+from .tasks import task_from_config
 from .tracking import Tracker, start_tracker
 
 # ---- what each step draws -------------------------------------------------------------
@@ -111,12 +112,16 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
     world = as_world(world)
     positions = list(range(len(indices))) if positions is None else list(positions)
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    prompts = encode_prompts(tokenizer, [format_prompt(tokenizer, examples[i].question,
-                                                       task.instruction) for i in indices])
+    prompts = encode_prompts(tokenizer, [task.prompt(tokenizer, examples[i].question)
+                                         for i in indices])
     answers = [examples[i].answer for i in indices]
     seeds = [derived_seed(cfg.seed, SAMPLING, step, i) for i in indices]
-    completions = rollout(model, tokenizer, prompts, cfg.group_size, params, seeds,
-                          answers, task.reward) if indices else []
+    completions = rollout(model, tokenizer, prompts, cfg.group_size, params, seeds) if indices else []
+    # Scored here, not in rollout, to keep each reward function's own score.
+    reward = weighted(task.reward)
+    scores = [reward.scores(c.text, answers[c.prompt_index]) for c in completions]
+    for completion, score in zip(completions, scores):
+        completion.reward = reward.total(score)
     G = cfg.group_size
     groups = [completions[g * G:(g + 1) * G] for g in range(len(indices))]
     loss_rows, triples = [], []
@@ -126,10 +131,11 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
     if on_selected:  # samples.py: the step's own groups and what the loss takes from them
         on_selected([SelectedGroup(p, examples[i], group, chosen) for p, i, group, chosen
                      in zip(positions, indices, groups, selections)])
-    # With --format-reward, groups can carry signal from the format alone; these say how
-    # much came from correctness.
-    solved = [[is_solved(c.reward) for c in group] for group in groups]
+    # With --format-reward or several reward functions, groups can carry signal from the
+    # others alone; these say how much came from correctness (the first function).
+    solved = [[reward.solved(s) for s in scores[g * G:(g + 1) * G]] for g in range(len(groups))]
     stats = {"rewards": [c.reward for c in completions],
+             "reward_sums": {name: sum(s[name] for s in scores) for name in reward.names},
              "lengths": [len(c.tokens) for c in completions],
              "groups": len(groups), "groups_with_signal": signal,
              "solved": sum(map(sum, solved)),
@@ -138,7 +144,11 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
 
     if cfg.algo == "t-spmo" and cfg.tspmo_replay > 0:
         on_phase("replay")
-        replayed = replay_step(model, tokenizer, task, cfg, step, world, groups, prompts,
+        # Replay cuts solved completions, which it tells by their reward: it gets them scored
+        # by the correctness reward alone.
+        judged = [[replace(c, reward=float(ok)) for c, ok in zip(group, flags)]
+                  for group, flags in zip(groups, solved)]
+        replayed = replay_step(model, tokenizer, task, cfg, step, world, judged, prompts,
                                indices, positions)
         add_groups(cfg, [r.completions for r in replayed], [r.context for r in replayed],
                    [r.rng for r in replayed], loss_rows, triples, first_group=len(groups))
@@ -256,15 +266,20 @@ def prepare_run(cfg: TrainConfig, resume: bool):
         else:
             check_configs_agree(cfg, world)
     check_batch_fits(cfg, world)
-    task = load_task(cfg.task, data=cfg.data, digits=cfg.digits, seed=cfg.seed,
-                     reward_fn=cfg.reward_fn)
+    task = task_from_config(cfg)
+    start_adapter = cfg.adapter_path if not resume and world.is_main else None
+    if start_adapter is not None:  # (other ranks get rank 0's adapter below)
+        check_adapter_files(start_adapter)
     if cfg.format_reward:
-        # Accuracy still counts only full rewards (>= 1), so the bonus alone never scores.
+        # "Solved" and accuracy go by the task's own reward (the first function) alone.
         task = replace(task, reward=with_format_bonus(task.reward, cfg.format_reward))
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, quantize_bits=cfg.quantize)
     lcfg = lora_config(cfg.lora_rank, cfg.lora_scale, cfg.lora_layers, cfg.lora_keys)
     mx.random.seed(cfg.seed)  # LoRA A's random init: same seed, same starting adapter
     add_lora(model, lcfg)
+    if start_adapter is not None:
+        init_from_adapter(model, start_adapter, lcfg)
+    task.prompt(tokenizer, task.train[0].question)  # a template that refuses --system-prompt
     check_batched_rollouts(model)  # one-line refusals before any work: batched rollouts,
     check_selected_logprobs(model)  # and the loss's use of the model's own output head
     if cfg.grad_checkpoint:
@@ -408,7 +423,17 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         "peak_memory_gb": max(max(r.rollout_peak for r in ranks), max(r.loss_peak for r in ranks),
                               mx.get_peak_memory()) / 1e9,
         "loss_peak_memory_gb": max(r.loss_peak for r in ranks) / 1e9,
+        **reward_means(world, stats["reward_sums"], n, step),
     }
+
+
+def reward_means(world: World, sums: dict, samples: float, step: int) -> dict:
+    """Each reward function's mean score over all ranks (`reward/NAME`), when there are
+    several (a --format-reward bonus is one, `format`)."""
+    if len(sums) < 2:
+        return {}
+    totals = world.sum(list(sums.values()), f"the reward functions' scores of step {step + 1}")
+    return {f"reward/{name}": float(total) / samples for name, total in zip(sums, totals)}
 
 
 def run_eval(model, tokenizer, task, cfg, world=None, on_phase=no_phase):

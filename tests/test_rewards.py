@@ -255,3 +255,138 @@ def test_final_answer_marker(text, held, boxed):
         assert final is None
     else:
         assert (final.text, final.boxed) == (held, boxed)
+
+
+# ---------------------------------------------------------------- several reward functions
+
+SEVERAL = '''
+def right_when_odd(text, answer):
+    return float(len(text) % 2)
+
+def always(text, answer):
+    return 1.0
+
+def never(text, answer):
+    return 0.0
+
+def score(text, answer):
+    return 0.25
+
+def answer_is_one(text, answer):
+    return float(answer == "1")
+'''
+
+
+@pytest.fixture
+def several(tmp_path):
+    path = tmp_path / "several.py"
+    path.write_text(SEVERAL)
+    return lambda *names: [f"{path}:{name}" for name in names]
+
+
+def test_weighted_sum_and_each_score(several):
+    from mlx_tokenrl.rewards import load_reward_fns
+
+    rewards = load_reward_fns(several("right_when_odd", "always", "score"), [2.0, 0.5, -4.0])
+    assert rewards.names == ("right_when_odd", "always", "score")
+    assert rewards.scores("abc", "1") == {"right_when_odd": 1.0, "always": 1.0, "score": 0.25}
+    assert rewards("abc", "1") == pytest.approx(2 * 1 + 0.5 * 1 - 4 * 0.25)
+    assert rewards("ab", "1") == pytest.approx(0 + 0.5 - 1)
+    assert load_reward_fns(several("always", "score"))("x", "1") == pytest.approx(1.25)  # weights 1
+
+
+def test_solved_is_the_first_functions_full_reward(several):
+    """A weighted total says nothing about correctness: 0.5 * right + 1 * always is >= 1 for
+    every completion, 2 * never + ... is < 1 for right ones."""
+    from mlx_tokenrl.rewards import load_reward_fns
+
+    rewards = load_reward_fns(several("right_when_odd", "always"), [0.5, 1.0])
+    for text, solved in [("abc", True), ("ab", False)]:
+        scores = rewards.scores(text, "1")
+        assert rewards.total(scores) >= 1.0 and rewards.solved(scores) is solved
+    small = load_reward_fns(several("right_when_odd", "never"), [0.1, 1.0])
+    assert small.solved(small.scores("abc", "1")) and small("abc", "1") < 1.0
+
+
+def test_names_are_made_distinct_and_weights_counted(several, tmp_path):
+    from mlx_tokenrl.rewards import load_reward_fns, with_format_bonus
+
+    other = tmp_path / "other.py"
+    other.write_text("def score(text, answer):\n    return 0.0\n")
+    assert load_reward_fns(several("score") + [f"{other}:score"]).names == ("score", "score_2")
+    with pytest.raises(ValueError, match=r"--reward-weights has 3 weight\(s\) for 2 --reward-fn"):
+        load_reward_fns(several("always", "never"), [1.0, 2.0, 3.0])
+    bonus = with_format_bonus(numeric_reward, 0.1)
+    assert bonus.names == ("correct", "format") and bonus.weights == (1.0, 0.1)
+    assert with_format_bonus(load_reward_fns(several("always")), 0.5).names == ("always", "format")
+
+
+def test_config_takes_lists_from_yaml_and_text(several):
+    from mlx_tokenrl.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"reward-fn": several("always", "never"), "reward-weights": [1, 0.1]})
+    assert cfg.reward_weights == [1.0, 0.1] and len(cfg.reward_fn) == 2
+    assert config_from_dict({"reward_weights": "1, 0.1"}).reward_weights == [1.0, 0.1]
+    assert config_from_dict({"reward_fn": "a.py:score"}).reward_fn == ["a.py:score"]  # old runs
+    with pytest.raises(ConfigError, match="--reward-weights: expected a finite number, not 'inf'"):
+        config_from_dict({"reward_weights": [1, "inf"]})
+
+
+def test_training_logs_each_function_and_solves_by_the_first(tiny_model_dir, dense_files,
+                                                             several, tmp_path):
+    import json
+
+    from mlx_tokenrl.config import TrainConfig
+    from mlx_tokenrl.trainer import train
+
+    cfg = TrainConfig(task="custom", data=str(dense_files / "data.jsonl"), model=str(tiny_model_dir),
+                      reward_fn=several("right_when_odd", "always"), reward_weights=[0.5, 1.0],
+                      steps=2, prompts_per_step=2, group_size=4, max_new_tokens=12,
+                      temperature=1.0, algo="grpo", out=str(tmp_path / "run"))
+    steps = [json.loads(line) for line in open(train(cfg) / "metrics.jsonl")]
+    for m in steps:
+        right = m["reward/right_when_odd"]
+        assert m["reward/always"] == 1.0 and 0 < right < 1, m
+        assert m["reward_mean"] == pytest.approx(0.5 * right + 1.0)
+        assert m["solve_rate"] == pytest.approx(right)  # every total is >= 1; only odd ones solve
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from mlx_tokenrl.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.mark.parametrize("names, weights, replays", [
+    (("never", "always"), [1.0, 1.0], False),  # every total is 1, nothing is solved
+    (("always", "never"), [0.5, 1.0], True),  # every total is 0.5, everything is solved
+])
+def test_replay_cuts_only_what_the_first_function_solved(tiny, several, names, weights, replays):
+    from mlx_tokenrl.config import TrainConfig
+    from mlx_tokenrl.rewards import load_reward_fns
+    from mlx_tokenrl.tasks import Example, Task
+    from mlx_tokenrl.trainer import rollout_and_select
+
+    model, tokenizer = tiny
+    examples = [Example("what is 2 times 3?", "6"), Example("say something", "x")]
+    task = Task("toy", examples, [], load_reward_fns(several(*names), weights))
+    cfg = TrainConfig(algo="t-spmo", group_size=4, max_new_tokens=8, temperature=1.0,
+                      tspmo_replay=2, prompts_per_step=2)
+    _, _, stats = rollout_and_select(model, tokenizer, task, cfg, 0, examples, [0, 1])
+    assert stats["replay_groups"] == (2 if replays else 0)
+    assert stats["solved"] == (8 if replays else 0)
+
+
+def test_eval_counts_correct_by_the_first_function(tiny, several):
+    from mlx_tokenrl.evaluate import evaluate
+    from mlx_tokenrl.rewards import load_reward_fns
+    from mlx_tokenrl.tasks import Example, Task
+
+    model, tokenizer = tiny
+    examples = [Example(f"what is {i} times 3?", str(i % 2)) for i in range(4)]
+    # Every total is at least 1; only the answers "1" are correct.
+    task = Task("toy", [], examples, load_reward_fns(several("answer_is_one", "always"), [0.5, 1.0]))
+    summary, records = evaluate(model, tokenizer, task, examples, max_new_tokens=3)
+    assert [r["correct"] for r in records] == [False, True, False, True]
+    assert summary["accuracy"] == 0.5

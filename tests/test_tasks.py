@@ -132,16 +132,18 @@ def test_hub_rows_are_validated(monkeypatch, hub_answers):
         load_task("gsm8k")
 
 
-def test_unreachable_hub_fails_before_datasets(monkeypatch):
+@pytest.mark.parametrize("task, repo", [(dict(name="gsm8k"), "openai/gsm8k"),
+                                        (dict(name="custom", hf_dataset="me/sums"), "me/sums")])
+def test_unreachable_hub_fails_before_datasets(monkeypatch, task, repo):
     # datasets would retry for ~25 s; the probe's verdict ends it at once.
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("mlx_tokenrl.tasks.unreachable_reason",
                         lambda: "cannot reach the Hugging Face hub at http://x (refused)")
     fake_datasets(monkeypatch, never)
     with pytest.raises(TaskError) as info:
-        load_task("gsm8k")
+        load_task(**task)
     msg = str(info.value)
-    assert msg.startswith("could not load 'openai/gsm8k' (cannot reach the Hugging Face hub at http://x")
+    assert msg.startswith(f"could not load '{repo}' (cannot reach the Hugging Face hub at http://x")
     assert "--data PATH" in msg and "HF_HUB_OFFLINE=1" in msg and "\n" not in msg
 
 
@@ -431,3 +433,115 @@ def test_format_prompt_plain():
 
 def test_format_prompt_custom_instruction():
     assert format_prompt(object(), "Q", instruction="Be brief.") == "Question: Q\nBe brief.\nAnswer:"
+
+
+# ---------------------------------------------------------------- custom: any fields, Parquet, any hub dataset
+
+
+def write_parquet(path: Path, records) -> Path:
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(records), path)
+    return path
+
+
+MAPPED = [{"problem": "What is 500 + 500?", "solution": "500 + 500 = 1,000\n#### 1,000", "id": 1},
+          {"problem": "Half of 3?", "solution": "1.5", "id": 2},
+          {"problem": "Half of 8?", "solution": "4", "id": 3}]
+
+
+@pytest.mark.parametrize("write, name", [(write_jsonl, "data.jsonl"), (write_json, "data.json"),
+                                         (write_parquet, "data.parquet")])
+def test_custom_reads_mapped_fields_from_every_file_kind(tmp_path, write, name):
+    path = write(tmp_path / name, MAPPED)
+    task = load_task("custom", data=str(path), question_field="problem", answer_field="solution")
+    # '#### N' solutions give N (as gsm8k's do), numbers their canonical text
+    assert task.train == task.test == [Example("What is 500 + 500?", "1000"),
+                                       Example("Half of 3?", "1.5"), Example("Half of 8?", "4")]
+    assert task.reward is numeric_reward
+
+
+def test_custom_numeric_answer_column(tmp_path):
+    path = write_parquet(tmp_path / "svamp.parquet", [{"q": "87 oranges in 3 groups?", "n": 29.0},
+                                                      {"q": "2 and 3?", "n": 5.5}])
+    task = load_task("custom", data=str(path), question_field="q", answer_field="n")
+    assert [e.answer for e in task.train] == ["29", "5.5"] and task.reward is numeric_reward
+
+
+def test_custom_text_answers_use_exact_match(tmp_path):
+    path = write_parquet(tmp_path / "capitals.parquet", [{"q": "Capital of France?", "a": "Paris"}])
+    task = load_task("custom", data=str(path), question_field="q", answer_field="a")
+    assert task.reward is exact_match_reward
+    assert task.reward("#### Paris", task.train[0].answer) == 1.0
+
+
+def test_custom_directory_with_named_splits(tmp_path):
+    write_parquet(tmp_path / "dev.parquet", MAPPED[:1])
+    write_jsonl(tmp_path / "heldout.jsonl", MAPPED[1:])
+    task = load_task("custom", data=str(tmp_path), question_field="problem",
+                     answer_field="solution", train_split="dev", test_split="heldout")
+    assert [e.answer for e in task.train] == ["1000"]
+    assert [e.answer for e in task.test] == ["1.5", "4"]
+    with pytest.raises(TaskError, match=r"no train\.jsonl or train\.json or train\.parquet"):
+        load_task("custom", data=str(tmp_path), question_field="problem", answer_field="solution")
+
+
+@pytest.mark.parametrize("write, name, where", [
+    (write_jsonl, "data.jsonl", "data.jsonl, line 2"),
+    (write_json, "data.json", "data.json, record 1 (0-based)"),
+    (write_parquet, "data.parquet", "data.parquet, row 1 (0-based)"),
+])
+def test_missing_field_names_the_record_and_the_fields_it_has(tmp_path, write, name, where):
+    # (null is missing too: Parquet has a column for every field, empty where a record lacks it)
+    records = [{"problem": "a", "answer": "1", "solution": None, "id": 0},
+               {"problem": "b", "answer": None, "solution": "2", "id": 1}]
+    path = write(tmp_path / name, records)
+    with pytest.raises(TaskError) as info:
+        load_task("custom", data=str(path), question_field="problem", answer_field="answer")
+    assert str(info.value) == (f"{tmp_path / where}: missing field 'answer' (fields there: "
+                               f"'problem', 'solution', 'id')")
+
+
+def test_a_broken_parquet_file_is_one_line(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not really parquet")
+    with pytest.raises(TaskError) as info:
+        load_task("custom", data=str(path))
+    assert str(info.value).startswith(f"{path}: not a readable Parquet file (")
+    assert "\n" not in str(info.value)
+
+
+def test_custom_from_the_hub_with_config_fields_and_splits(monkeypatch, hub_answers):
+    asked = []
+
+    def load_dataset(repo, config=None):
+        asked.append((repo, config))
+        return {"train": MAPPED[:2], "validation": MAPPED[2:]}
+
+    fake_datasets(monkeypatch, load_dataset)
+    task = load_task("custom", hf_dataset="me/sums", hf_config="main", question_field="problem",
+                     answer_field="solution", test_split="validation")
+    assert asked == [("me/sums", "main")]
+    assert [e.answer for e in task.train] == ["1000", "1.5"] and task.test == [Example("Half of 8?", "4")]
+    with pytest.raises(TaskError) as info:
+        load_task("custom", hf_dataset="me/sums", question_field="problem", answer_field="solution")
+    assert str(info.value) == ("me/sums has no split 'test' (it has: train, validation); name "
+                               "them with --train-split and --test-split")
+    with pytest.raises(TaskError) as info:
+        load_task("custom", hf_dataset="me/sums", test_split="validation")
+    assert str(info.value) == ("me/sums train row 0: missing field 'prompt' (fields there: "
+                               "'problem', 'solution', 'id')")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="gsm8k", question_field="q"), "--question-field: only task custom reads it, not 'gsm8k'"),
+    (dict(name="multiply", hf_dataset="a/b", test_split="dev"),
+     "--hf-dataset, --test-split: only task custom reads it, not 'multiply'"),
+    (dict(name="custom", data="x.jsonl", hf_dataset="a/b"), "pass --data or --hf-dataset, not both"),
+    (dict(name="custom"), "task 'custom' needs data: pass --data PATH"),
+])
+def test_custom_settings_are_checked(kwargs, message):
+    with pytest.raises(TaskError) as info:
+        load_task(**kwargs)
+    assert str(info.value).startswith(message)

@@ -206,3 +206,98 @@ def test_slow_cpu_precisions_warn_once(dirs, gpu, monkeypatch, capsys):
                 "warning: --quantize 8 on MLX's CPU backend is ~37x slower than float32 here; "
                 "leave --quantize out"]
     assert warnings == ([] if gpu else expected)
+
+
+# ---------------------------------------------------------------- --adapter-path: start a run, spellings
+
+
+def lora_weights(net):
+    return {k: v for k, v in tree_flatten(net.trainable_parameters())}
+
+
+def mlx_lm_style_adapter(dirs, root, **lora):
+    """The adapter of `dirs`, with the adapter_config.json mlx-lm's lora command writes (its
+    training settings, num_layers counted out, no keys)."""
+    adapter = root / "sft"
+    adapter.mkdir()
+    weights = mx.load(str(Path(dirs["adapter"]) / "adapters.safetensors"))
+    keys = lora.get("keys")  # an adapter trained on some modules only has their weights
+    mx.save_safetensors(str(adapter / "adapters.safetensors"),
+                        {k: v for k, v in weights.items() if not keys or any(f".{m}." in k for m in keys)})
+    config = {"model": dirs["base"], "fine_tune_type": "lora", "num_layers": 2, "iters": 100,
+              "lora_parameters": {"rank": 4, "dropout": 0.0, "scale": 20.0, **lora}}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return adapter
+
+
+def test_train_starts_from_an_existing_adapter(dirs, tmp_path):
+    from mlx_tokenrl.config import TrainConfig
+    from mlx_tokenrl.trainer import prepare_run
+
+    adapter = mlx_lm_style_adapter(dirs, tmp_path)
+    cfg = TrainConfig(task="multiply", digits="1x1", model=dirs["base"], lora_rank=4,
+                      adapter_path=str(adapter), out=str(tmp_path / "run"))
+    _, _, model, _, _, _, _ = prepare_run(cfg, resume=False)
+    expected = mx.load(str(adapter / "adapters.safetensors"))
+    got = lora_weights(model)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert mx.array_equal(got[name], value), name
+    assert any(float(mx.abs(v).max()) > 0 for k, v in got.items() if k.endswith("lora_b"))
+    # The run records where it started; its first step then moves on from there.
+    result = run("train", "--resume", tmp_path / "run", "--steps", 1)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["adapter_path"] == str(adapter)
+
+
+@pytest.mark.parametrize("flags, lora, message", [
+    (["--lora-rank", 8], {}, "was trained with --lora-rank 4, this run has --lora-rank 8: pass the adapter's"),
+    (["--lora-rank", 4, "--lora-scale", 10, "--lora-layers", 1], {},
+     "was trained with --lora-scale 20.0 --lora-layers 2, this run has --lora-scale 10.0 --lora-layers 1"),
+    (["--lora-rank", 4, "--lora-keys", "self_attn.q_proj"], {},
+     "adapts other modules than this run (e.g. model.layers.0.mlp.down_proj.lora_a); pass its "
+     "--lora-keys (the default: all linear layers)"),
+    (["--lora-rank", 4], {"keys": ["self_attn.q_proj"]},
+     "adapts other modules than this run (e.g. model.layers.0.mlp.down_proj.lora_a); pass its "
+     "--lora-keys (self_attn.q_proj)"),
+])
+def test_an_adapter_that_does_not_match_the_run_is_one_line(dirs, tmp_path, flags, lora, message):
+    adapter = mlx_lm_style_adapter(dirs, tmp_path, **lora)
+    out = tmp_path / "run"
+    result = run("train", "multiply", "--digits", "1x1", "--model", dirs["base"], "--steps", 1,
+                 "--adapter-path", adapter, *flags, "--out", out)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --adapter-path {adapter}"), lines
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def test_a_dora_adapter_or_another_models_is_refused(dirs, tmp_path):
+    from mlx_tokenrl.config import ConfigError
+    from mlx_tokenrl.models import init_from_adapter
+
+    adapter = mlx_lm_style_adapter(dirs, tmp_path)
+    net, _ = load_model(dirs["other"])
+    add_lora(net, lora_config(rank=4, scale=20))
+    with pytest.raises(ConfigError, match=r"does not fit this model: model\.layers\.0\.self_attn"
+                                          r"\.q_proj\.lora_a has shape \(64, 4\), the model's \(32, 4\)"):
+        init_from_adapter(net, adapter, lora_config(rank=4, scale=20))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "fine_tune_type": "dora"}))
+    with pytest.raises(ConfigError, match="is a dora adapter; a run starts only from a LoRA adapter"):
+        init_from_adapter(net, adapter, lora_config(rank=4, scale=20))
+
+
+def test_every_command_reads_adapter_path_and_adapter(dirs, tmp_path):
+    prompt = ["generate", "--prompt", PROMPTS[0], "--max-tokens", 8, "--model", dirs["base"]]
+    new, old = run(*prompt, "--adapter-path", dirs["adapter"]), run(*prompt, "--adapter", dirs["adapter"])
+    assert new.exit_code == old.exit_code == 0 and new.stdout == old.stdout
+    assert new.stdout != run(*prompt).stdout
+    result = run("fuse", "--model", dirs["base"], "--adapter-path", dirs["adapter"],
+                 "--out", tmp_path / "fused")
+    assert result.exit_code == 0, result.output
+    assert run("generate", "--prompt", PROMPTS[0], "--max-tokens", 8,
+               "--model", tmp_path / "fused").stdout == new.stdout
+    chat = run("chat", "--model", dirs["base"], "--adapter-path", dirs["other"], "--max-tokens", 2)
+    assert chat.exit_code == 1 and "missing adapter_config.json" in chat.stderr
