@@ -14,7 +14,6 @@ directory. Collectives and failure handling: `distributed.py`.
 import json
 import math
 import time
-import warnings
 from dataclasses import asdict, astuple, dataclass, fields, replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from .loss import (LossRow, attach_ref_logprobs, check_selected_logprobs, make_l
                    make_microbatches, normalisation_weights)
 from .config import ConfigError, TrainConfig, config_from_dict
 from .models import (add_lora, check_adapter_files, init_from_adapter, load_model, lora_config,
-                     save_adapter_config)
+                     save_adapter_config, warn_once)
 from .replay import replay_step
 from .rewards import weighted, with_format_bonus
 from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout
@@ -242,8 +241,8 @@ def lr_schedule(cfg: TrainConfig):
 
 def make_optimizer(cfg: TrainConfig):
     if cfg.steps <= cfg.warmup_steps:
-        warnings.warn(f"--steps {cfg.steps} <= --warmup-steps {cfg.warmup_steps}: the run ends "
-                      f"before the learning rate reaches --lr {cfg.lr:g}", stacklevel=2)
+        warn_once(f"--steps {cfg.steps} <= --warmup-steps {cfg.warmup_steps}: the run ends "
+                  f"before the learning rate reaches --lr {cfg.lr:g}")
     return optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
 
 
