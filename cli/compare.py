@@ -1,6 +1,7 @@
 """`compare`: base vs GRPO vs S-GRPO vs T-SPMO on one task, one table."""
 
 import inspect
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -90,7 +91,10 @@ def compare(**kwargs):
                 raise typer.Exit(130)
             finish_arm()
         print_tables(rows)
-        console.print(f"wrote {cfg.out}/compare.json, compare.md and compare.png", soft_wrap=True)
+        plotted = (Path(cfg.out) / "compare.png").exists()
+        console.print(f"wrote {cfg.out}/compare.json, compare.md" + (
+            " and compare.png" if plotted else "; no plot without matplotlib "
+            "(pip install 'mlx-tokenrl[plot]')"), soft_wrap=True)
 
 
 compare.__signature__ = inspect.Signature(config_parameters([

@@ -125,7 +125,7 @@ def evaluate(
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Where to write examples.jsonl and summary.json (default: ADAPTER/eval-TASK-SPLIT or runs/eval-TASK-SPLIT).")] = None,
 ):
-    """Greedy held-out accuracy (and `####` format rate) of a model, with or without adapter."""
+    """Greedy held-out accuracy (and the rate of '#### N' / '\\boxed{N}' answers) of a model, with or without adapter."""
     from mlx_tokenrl.evaluate import evaluate as run_eval, write_eval
     from mlx_tokenrl.models import load_model
     from mlx_tokenrl.tasks import adapter_prompt, load_task

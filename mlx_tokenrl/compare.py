@@ -11,14 +11,14 @@ so the same command, table and plot serve a small hyperparameter sweep.
 
 import json
 import typing
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import latest_checkpoint
 from .compare_plot import ArmCurves, BaseReference, save_figure
-from .config import ALGOS, ConfigError, TrainConfig, at_least, coerce
+from .config import ALGOS, ConfigError, TrainConfig, at_least, coerce, config_from_dict
 from .evaluate import evaluate, write_eval
 from .models import check_lora_fits, load_model
 from .tasks import task_from_config
@@ -133,6 +133,22 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
     return row
 
 
+def check_same_settings(what: str, saved: Path, cfg: TrainConfig, key: str | None = None):
+    """--resume continues a compare only with the settings it started with: an arm trained
+    half with one --lr and half with another, or scored beside arms of other settings, is no
+    comparison. `saved` is a JSON file holding the config (under `key`, if given)."""
+    if not saved.exists():
+        return
+    values = json.loads(saved.read_text())
+    before = asdict(config_from_dict(values[key] if key else values))
+    now = asdict(cfg)
+    changed = [name for name in now if name != "out" and before[name] != now[name]]
+    if changed:
+        diffs = ", ".join(f"--{n.replace('_', '-')} {before[n]!r} -> {now[n]!r}" for n in changed)
+        raise ConfigError(f"--resume: {what} was run with other settings ({diffs}); use its "
+                          f"settings again or choose another --out")
+
+
 def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
                 final_eval_limit: int | None = None, on_arm=None, on_step=None,
                 on_phase=no_phase, on_eval=None):
@@ -147,6 +163,10 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
     final_limit = cfg.eval_limit if final_eval_limit is None else final_eval_limit
     at_least("final_eval_limit", final_limit, 1)
     arms = arm_configs(cfg, arm_specs)
+    if resume:  # before any work: every arm, started or finished, must match its settings
+        check_same_settings("this compare", out / "compare_config.json", cfg, key="config")
+        for name, arm_cfg in arms:
+            check_same_settings(f"arm {name}", Path(arm_cfg.out) / "config.json", arm_cfg)
     rows = []
     base_dir = out / "base"
     done = base_dir / "final_eval.json"

@@ -15,7 +15,6 @@ from dataclasses import astuple, dataclass
 import numpy as np
 
 from .distributed import World
-from .rewards import is_solved
 from .rollout import SamplingParams, rollout
 from .seeds import REPLAY_CUTS, REPLAY_SAMPLING, REPLAY_SELECTION, derived_rng, derived_seed
 
@@ -43,12 +42,30 @@ class ReplayGroup:
     rng: np.random.Generator  # its selection's randomness
 
 
-def solved_candidates(groups, positions) -> list:
-    """Completions with a full reward (a format bonus alone is not a success) and at least
-    two tokens, so a cut keeps one and leaves one to re-sample."""
-    return [Candidate(position, j, len(c.tokens))
-            for position, group in zip(positions, groups)
-            for j, c in enumerate(group) if is_solved(c.reward) and len(c.tokens) >= 2]
+def solved_candidates(groups, solved, positions) -> list:
+    """Solved completions (`solved[g][j]`: judged by the correctness reward, so a format
+    bonus alone is not a success) with at least two tokens, so a cut keeps one and leaves
+    one to re-sample. A completion identical to an earlier one of its group is left out: it
+    would double that completion's chance of a replay."""
+    out = []
+    for position, group, flags in zip(positions, groups, solved):
+        seen = set()
+        for j, (c, ok) in enumerate(zip(group, flags)):
+            if ok and len(c.tokens) >= 2 and tuple(c.tokens) not in seen:
+                seen.add(tuple(c.tokens))
+                out.append(Candidate(position, j, len(c.tokens)))
+    return out
+
+
+def distinct_prefixes(cuts, prefixes):
+    """Drop a cut whose prompt and prefix repeat an earlier cut's: two solved completions
+    that agree up to the cut would sample the same group twice (same context, same seed)."""
+    seen, kept = set(), []
+    for cut, prefix in zip(cuts, prefixes):
+        if (cut.position, tuple(prefix)) not in seen:
+            seen.add((cut.position, tuple(prefix)))
+            kept.append((cut, prefix))
+    return kept
 
 
 def choose_cuts(candidates, count: int, rng) -> list:
@@ -72,21 +89,24 @@ def gather_candidates(world: World, local, capacity: int) -> list:
     return sorted((Candidate(*(int(x) for x in row)) for row in rows if row[0] >= 0), key=astuple)
 
 
-def replay_step(model, tokenizer, task, cfg, step: int, world: World, groups, prompts, indices,
-                positions) -> list:
+def replay_step(model, tokenizer, task, cfg, step: int, world: World, groups, solved, prompts,
+                indices, positions) -> list:
     """Choose the step's cuts (over all ranks) and sample a group after each of this rank's.
 
     Each continuation may use what its cut left of the completion budget
     (max_new_tokens - cut), so prefix plus continuation never exceed it."""
     capacity = -(-cfg.prompts_per_step // world.size()) * cfg.group_size
-    candidates = gather_candidates(world, solved_candidates(groups, positions), capacity)
+    candidates = gather_candidates(world, solved_candidates(groups, solved, positions), capacity)
     cuts = choose_cuts(candidates, cfg.tspmo_replay,
                        derived_rng(cfg.seed, REPLAY_CUTS, step))
     local = {p: g for g, p in enumerate(positions)}
     mine = [c for c in cuts if c.position in local]
-    if not mine:
+    # A prompt lives on one rank, so its own rank alone can drop repeated prefixes.
+    kept = distinct_prefixes(mine, [groups[local[c.position]][c.completion].tokens[:c.cut]
+                                    for c in mine])
+    if not kept:
         return []
-    prefixes = [groups[local[c.position]][c.completion].tokens[:c.cut] for c in mine]
+    mine, prefixes = [c for c, _ in kept], [p for _, p in kept]
     sampled = rollout(model, tokenizer, [prompts[local[c.position]] for c in mine],
                       cfg.group_size, SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens),
                       [derived_seed(cfg.seed, REPLAY_SAMPLING, step, indices[local[c.position]], c.cut)

@@ -143,11 +143,7 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
 
     if cfg.algo == "t-spmo" and cfg.tspmo_replay > 0:
         on_phase("replay")
-        # Replay cuts solved completions, which it tells by their reward: it gets them scored
-        # by the correctness reward alone.
-        judged = [[replace(c, reward=float(ok)) for c, ok in zip(group, flags)]
-                  for group, flags in zip(groups, solved)]
-        replayed = replay_step(model, tokenizer, task, cfg, step, world, judged, prompts,
+        replayed = replay_step(model, tokenizer, task, cfg, step, world, groups, solved, prompts,
                                indices, positions)
         add_groups(cfg, [r.completions for r in replayed], [r.context for r in replayed],
                    [r.rng for r in replayed], loss_rows, triples, first_group=len(groups))
@@ -240,7 +236,7 @@ def lr_schedule(cfg: TrainConfig):
 
 
 def make_optimizer(cfg: TrainConfig):
-    if cfg.steps <= cfg.warmup_steps:
+    if cfg.steps < cfg.warmup_steps:
         warn_once(f"--steps {cfg.steps} <= --warmup-steps {cfg.warmup_steps}: the run ends "
                   f"before the learning rate reaches --lr {cfg.lr:g}")
     return optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
@@ -265,6 +261,9 @@ def prepare_run(cfg: TrainConfig, resume: bool):
         else:
             check_configs_agree(cfg, world)
     check_batch_fits(cfg, world)
+    if not resume and world.is_main and latest_checkpoint(Path(cfg.out)) is not None:
+        raise ConfigError(f"--out {cfg.out} already holds a run with checkpoints: continue it "
+                          f"with --resume {cfg.out}, or choose another --out")
     task = task_from_config(cfg)
     start_adapter = cfg.adapter_path if not resume and world.is_main else None
     if start_adapter is not None:  # (other ranks get rank 0's adapter below)
@@ -382,21 +381,24 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         loss_peak=mx.get_peak_memory(), solved=stats["solved"],
         groups_with_solved_signal=stats["groups_with_solved_signal"]),
         f"the metrics exchange of step {step + 1}")
-    t3 = time.perf_counter()
     total = RankNumbers(*(sum(getattr(r, f.name) for r in ranks) for f in fields(RankNumbers)))
-    allreduce_bytes = 0
-    if totals.selected > 0:
-        if size > 1:
-            allreduce_bytes = gradient_bytes(model)
-            grads = world.sum_tree(grads, f"the gradient all-reduce of step {step + 1}")
-        t4 = time.perf_counter()
-        grad_norm, skipped = apply_update(model, optimizer, grads, cfg.grad_clip, step)
-        skipped = skipped or not math.isfinite(total.loss)
-    else:
-        t4 = time.perf_counter()
-        grad_norm, skipped = 0.0, False  # no group carried signal anywhere: nothing to learn
-    t5 = time.perf_counter()
     n = max(total.samples, 1)
+    # Every collective of the step comes before the update: a failure or Ctrl-C after it
+    # would otherwise checkpoint step N with step N+1's weights, and resume would redo N+1.
+    per_function = reward_means(world, stats["reward_sums"], n, step)
+    t3 = time.perf_counter()
+    allreduce_bytes = 0
+    if totals.selected > 0 and size > 1 and math.isfinite(total.loss):
+        allreduce_bytes = gradient_bytes(model)
+        grads = world.sum_tree(grads, f"the gradient all-reduce of step {step + 1}")
+    t4 = time.perf_counter()
+    if totals.selected == 0:
+        grad_norm, skipped = 0.0, False  # no group carried signal anywhere: nothing to learn
+    elif not math.isfinite(total.loss):
+        grad_norm, skipped = float("nan"), True  # never let a NaN/inf reach the adapter
+    else:
+        grad_norm, skipped = apply_update(model, optimizer, grads, cfg.grad_clip, step)
+    t5 = time.perf_counter()
     mean = total.reward_sum / n
     # Ranks meet at the metrics exchange, so the slowest rank's step is its time up to
     # there (it did not wait) plus the all-reduce and the update every rank does together.
@@ -422,7 +424,7 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         "peak_memory_gb": max(max(r.rollout_peak for r in ranks), max(r.loss_peak for r in ranks),
                               mx.get_peak_memory()) / 1e9,
         "loss_peak_memory_gb": max(r.loss_peak for r in ranks) / 1e9,
-        **reward_means(world, stats["reward_sums"], n, step),
+        **per_function,
     }
 
 

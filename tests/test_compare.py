@@ -39,6 +39,13 @@ def test_compare_writes_table_json_plot_and_resumes(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, args + ["--resume"])
     assert result.exit_code == 0, result.output
     assert stamps == {a: (out / a / "final_eval.json").stat().st_mtime_ns for a in stamps}
+    # Resuming with other settings would mix them into one table: one line, nothing touched.
+    for what in ("this compare", "arm grpo"):  # the compare's own record, then each arm's
+        result = CliRunner().invoke(app, args + ["--lr", "3e-5", "--resume"])
+        assert result.exit_code == 1 and f"{what} was run with other settings" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        (out / "compare_config.json").unlink(missing_ok=True)
+    assert stamps == {a: (out / a / "final_eval.json").stat().st_mtime_ns for a in stamps}
 
 
 def test_final_eval_limit_is_checked_before_any_model_work(tmp_path):

@@ -7,7 +7,9 @@ import pytest
 from mlx_tokenrl import trainer
 from mlx_tokenrl.config import TrainConfig
 from mlx_tokenrl.distributed import World
-from mlx_tokenrl.replay import Candidate, choose_cuts, replay_step, solved_candidates
+from mlx_tokenrl.loss import make_loss_and_grad
+from mlx_tokenrl.replay import (Candidate, ReplayCut, choose_cuts, distinct_prefixes, replay_step,
+                                solved_candidates)
 from mlx_tokenrl.rollout import Completion, SamplingParams, encode_prompts, rollout
 from mlx_tokenrl.tasks import Example, Task, format_prompt
 
@@ -16,13 +18,25 @@ def completion(tokens, reward):
     return Completion(0, list(tokens), False, "", float(reward))
 
 
-def test_only_solved_completions_with_room_to_cut_are_candidates():
+def test_only_distinct_solved_completions_with_room_to_cut_are_candidates():
     groups = [[completion([1, 2, 3], 1.1),  # right and formatted
-               completion([1, 2, 3], 0.1),  # only the format bonus: not a success
+               completion([1, 2, 4], 0.1),  # only the format bonus: not a success
                completion([4], 1.0),  # solved, but one token leaves nothing to re-sample
-               completion([5, 6], 1.0)],
+               completion([5, 6], 1.0),
+               completion([1, 2, 3], 1.1)],  # the same answer again: one chance, not two
               [completion([7, 8, 9], 0.9), completion([7, 8], 0.0)]]  # partial credit only
-    assert solved_candidates(groups, positions=[3, 5]) == [Candidate(3, 0, 3), Candidate(3, 3, 2)]
+    # "Solved" comes from the correctness reward, not from the (weighted) total.
+    solved = [[True, False, True, True, True], [False, False]]
+    assert solved_candidates(groups, solved, positions=[3, 5]) == [Candidate(3, 0, 3),
+                                                                   Candidate(3, 3, 2)]
+
+
+def test_cuts_that_repeat_a_prompt_and_prefix_are_replayed_once():
+    cuts = [ReplayCut(0, 3, 0, 2), ReplayCut(1, 3, 1, 2), ReplayCut(2, 5, 0, 2),
+            ReplayCut(3, 3, 2, 3)]
+    prefixes = [[1, 2], [1, 2], [1, 2], [1, 2, 7]]
+    kept = distinct_prefixes(cuts, prefixes)
+    assert [c.pick for c, _ in kept] == [0, 2, 3]
 
 
 def test_cuts_keep_at_least_one_token_and_leave_at_least_one():
@@ -74,9 +88,10 @@ def test_replayed_groups_continue_a_solved_prefix_within_the_budget(model_and_to
     solved = {(g, tuple(c.tokens)) for g, group in enumerate(groups) for c in group
               if c.reward >= 1.0}
     assert solved and any(c.reward < 1.0 for c in sampled)
+    flags = [[c.reward >= 1.0 for c in group] for group in groups]
     replayed = replay_step(model, tok, task, cfg, step=0, world=World(), groups=groups,
-                           prompts=prompts, indices=[0, 1], positions=[0, 1])
-    assert len(replayed) == min(3, len(solved))
+                           solved=flags, prompts=prompts, indices=[0, 1], positions=[0, 1])
+    assert 1 <= len(replayed) <= min(3, len(solved))
     for r in replayed:
         source = groups[r.cut.position][r.cut.completion]
         assert (r.cut.position, tuple(source.tokens)) in solved
@@ -91,3 +106,36 @@ def test_replayed_groups_continue_a_solved_prefix_within_the_budget(model_and_to
     trainer.add_groups(cfg, [r.completions for r in replayed], [r.context for r in replayed],
                        [r.rng for r in replayed], rows, triples, first_group=2)
     assert all(row.group >= 2 for row in rows)
+
+
+def test_replayed_groups_are_groups_of_their_own_in_the_loss(model_and_tokenizer, monkeypatch):
+    """T-SPMO averages per group: replayed groups must not merge with the step's own groups,
+    and the step's group count (the norm's M) must include them."""
+    model, tok = model_and_tokenizer
+    task = Task("toy", [Example("what is 2 times 3?", "6"), Example("say something", "x")], [],
+                reward=lambda text, answer: float(len(text) % 2))  # mixed, by chance
+    cfg = TrainConfig(algo="t-spmo", group_size=4, max_new_tokens=24, temperature=1.0,
+                      tspmo_replay=2, prompts_per_step=2, steps=1)
+    prompts = {tuple(p) for p in encode_prompts(tok, [format_prompt(tok, e.question)
+                                                      for e in task.train])}
+    seen = {}
+    real_select, real_loss = trainer.rollout_and_select, trainer.loss_and_grads
+
+    def select(*args, **kwargs):
+        seen["rows"], _, seen["stats"] = out = real_select(*args, **kwargs)
+        return out
+
+    def loss(model, loss_and_grad, cfg, loss_rows, triples, totals):
+        seen["totals"] = totals
+        return real_loss(model, loss_and_grad, cfg, loss_rows, triples, totals)
+
+    monkeypatch.setattr(trainer, "rollout_and_select", select)
+    monkeypatch.setattr(trainer, "loss_and_grads", loss)
+    trainer.run_step(model, tok, task, cfg, World(), trainer.make_optimizer(cfg),
+                     make_loss_and_grad(model, 0.0, compile=False), step=0)
+    replays = seen["stats"]["replay_groups"]
+    assert replays >= 1 and seen["totals"].groups == 2 + replays
+    replayed = [row for row in seen["rows"] if tuple(row.context) not in prompts]
+    own = [row for row in seen["rows"] if tuple(row.context) in prompts]
+    assert replayed and {row.group for row in replayed} <= set(range(2, 2 + replays))
+    assert {row.group for row in own} <= {0, 1}

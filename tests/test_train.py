@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_tokenrl import trainer
-from mlx_tokenrl.config import TrainConfig
+from mlx_tokenrl.config import ConfigError, TrainConfig
 from mlx_tokenrl.trainer import train
 from tokenrl_cli.main import app
 
@@ -66,6 +66,39 @@ def test_resume_continues_exactly(tiny_model_dir, dense_task, tmp_path):
     assert any(float(mx.abs(v).max()) > 0 for k, v in a.items() if k.endswith("lora_b"))
 
 
+def test_a_failure_late_in_a_step_does_not_checkpoint_its_update(tiny_model_dir, dense_task,
+                                                                  tmp_path, monkeypatch):
+    """A Ctrl-C (or a dead peer) in the step's last collective must leave the previous step's
+    state in the checkpoint: resuming then equals a straight run."""
+    straight = train(config(tiny_model_dir, dense_task, tmp_path / "a", steps=3, algo="grpo"))
+    real = trainer.reward_means
+
+    def ctrl_c_in_step_2(world, sums, samples, step):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(world, sums, samples, step)
+
+    monkeypatch.setattr(trainer, "reward_means", ctrl_c_in_step_2)
+    broken = config(tiny_model_dir, dense_task, tmp_path / "b", steps=3, algo="grpo")
+    with pytest.raises(KeyboardInterrupt):
+        train(broken)
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step-000001"
+    monkeypatch.setattr(trainer, "reward_means", real)
+    train(broken, resume=True)
+    a, b = adapters(straight), adapters(tmp_path / "b")
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]))
+
+
+def test_a_new_run_refuses_a_directory_with_checkpoints(tiny_model_dir, dense_task, tmp_path):
+    cfg = config(tiny_model_dir, dense_task, tmp_path / "run", steps=1, algo="grpo")
+    train(cfg)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
 def cli_train(*args):
     return CliRunner().invoke(app, ["train", *map(str, args)])
 
@@ -113,12 +146,15 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_model_dir, dense_task, tm
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
 
 
-def test_non_finite_gradients_never_reach_the_adapter(tiny_model_dir, dense_task, tmp_path,
-                                                      monkeypatch):
+@pytest.mark.parametrize("poison", ["gradients", "loss"])
+def test_non_finite_updates_never_reach_the_adapter(tiny_model_dir, dense_task, tmp_path,
+                                                    monkeypatch, poison):
     real = trainer.loss_and_grads
 
     def poisoned(*args):
         loss, grads = real(*args)
+        if poison == "loss":  # finite gradients, but the step's loss says something broke
+            return loss * float("nan"), grads
         return loss, tree_map(lambda g: g * float("nan"), grads)
 
     monkeypatch.setattr(trainer, "loss_and_grads", poisoned)
