@@ -137,7 +137,8 @@ HELP = {
     "sgrpo_p": ("S-GRPO", "Probability that each later token joins the loss until k are chosen."),
     "tspmo_max_pairs": ("T-SPMO", "Most (prefix, token) pairs per group (random subset when over)."),
     "tspmo_replay": ("T-SPMO", "Successful completions per step re-sampled from a random cut."),
-    "microbatch_rows": ("Compute", "Completions per loss microbatch (memory vs speed)."),
+    "max_memory": ("Compute", "Loss+grad memory budget in GB (weights included): the loss's microbatch rows, and gradient checkpointing if one row needs it, are picked from its measured peak; too small a budget stops the run at start (default: 75% of the machine's memory: Metal's recommended working set, else RAM)."),
+    "microbatch_rows": ("Compute", "Rows per loss microbatch, fixed (instead of --max-memory's choice)."),
     "grad_checkpoint": ("Compute", "Recompute activations in the backward pass (long completions)."),
     "compile": ("Compute", "mx.compile the loss+grad step."),
     "eval_every": ("Bookkeeping", "Held-out greedy accuracy every N steps; 0 disables."),
@@ -150,7 +151,7 @@ HELP = {
     "samples_count": ("Tracking", "Prompts per sample (each with its whole group of completions)."),
 }
 CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": list[str],
-             "reward_weights": str}
+             "reward_weights": str, "max_memory": float, "microbatch_rows": int}
 
 
 def option_parameter(name, annotation, default=None):

@@ -126,8 +126,10 @@ class TrainConfig:
     sgrpo_p: float = 0.75
     tspmo_max_pairs: int = 256
     tspmo_replay: int = 2
-    # compute
-    microbatch_rows: int = 8
+    # compute: the loss's microbatch rows are planned to keep its peak under max_memory (GB;
+    # None: a share of the machine's, memory.py) unless microbatch_rows is given
+    max_memory: float | None = None
+    microbatch_rows: int | None = None
     grad_checkpoint: bool = False
     compile: bool = True
     # bookkeeping
@@ -158,9 +160,14 @@ class TrainConfig:
         if self.quantize is not None:
             one_of("quantize", self.quantize, QUANTIZE_BITS)
         for name in ("steps", "prompts_per_step", "max_new_tokens", "lora_rank", "sgrpo_k",
-                     "tspmo_max_pairs", "microbatch_rows", "eval_limit", "save_every",
-                     "samples_count"):
+                     "tspmo_max_pairs", "eval_limit", "save_every", "samples_count"):
             at_least(name, getattr(self, name), 1)
+        if self.microbatch_rows is not None:
+            at_least("microbatch_rows", self.microbatch_rows, 1)
+            require(self.max_memory is None, "--max-memory and --microbatch-rows both given: "
+                                             "--microbatch-rows fixes the rows, give one")
+        if self.max_memory is not None:
+            above("max_memory", self.max_memory, 0)
         for name in ("seed", "warmup_steps", "weight_decay", "grad_clip", "beta", "format_reward",
                      "sgrpo_alpha", "tspmo_replay", "eval_every", "samples_every"):
             at_least(name, getattr(self, name), 0)

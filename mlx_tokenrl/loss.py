@@ -6,19 +6,27 @@ over selected tokens s, with normalisation weights w_s from `normalisation_weigh
 transformer runs only up to each row's last selected position (rows are cropped), and the
 model's own output head + log-softmax are applied to the selected positions' hidden states
 only, so an S-GRPO / T-SPMO step never materialises full-vocabulary logits for every position.
-Shapes are bucketed (width to a multiple of 16, selections to a power of two, a fixed
-number of rows per microbatch) so the compiled step is reused across steps.
+A group's rows share their context (the prompt, plus a replayed prefix): each microbatch
+runs each of its contexts once, and its rows attend to the context's keys and values
+through mlx-lm's batched KV cache, inside the differentiated function, so the gradient of
+every row reaches the context's LoRA weights (summed over the rows).
+Shapes are bucketed (widths to a multiple of 16, rows and selections to a power of two)
+so the compiled step is reused across steps.
 """
 
 import contextlib
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, fields
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_lm.models.cache import BatchKVCache
+
 from .models import ModelLoadError, model_type
+from .rollout import batch_cache
 
 WIDTH_BUCKET = 16
 MIN_SELECTIONS = 32
@@ -33,13 +41,39 @@ class LossRow:
 
 @dataclass
 class MicroBatch:
-    inputs: mx.array  # (rows, width) int32, right-padded
-    rows: mx.array  # (S,) row of each selected token
-    cols: mx.array  # (S,) input position whose hidden state predicts it
+    """One loss call: C contexts, each run once, and R rows that continue them."""
+    contexts: mx.array  # (C, Wc) int32, left-padded: every context ends at column Wc - 1
+    context_padding: mx.array  # (C,) int32, the padding columns before each context
+    inputs: mx.array  # (R, Wr) int32, right-padded: each row's completion, cropped
+    row_context: mx.array  # (R,) int32, the context each row continues
+    picks: mx.array  # (S,) where, in the flattened hidden states of the contexts then the
+    #                  rows, is the state that predicts each selected token
     targets: mx.array  # (S,) the selected token ids
     advantages: mx.array  # (S,) float32
     weights: mx.array  # (S,) float32, 0 on padding
     ref_logprobs: mx.array | None = None  # (S,) under the base model, for the KL term
+
+
+@dataclass
+class Pick:
+    """A selected token of a forward row."""
+    pos: int  # its index in the row's completion
+    target: int  # its token id (the completion's, except in start-up checks)
+    advantage: float
+    weight: float
+
+
+@dataclass
+class ForwardRow:
+    """A row of a microbatch: its context and completion, and the tokens read from it."""
+    context: list
+    completion: list
+    picks: list  # of Pick
+
+    @property
+    def crop(self) -> list:
+        """The completion tokens it runs: up to (without) its last selected one."""
+        return self.completion[:max(p.pos for p in self.picks)]
 
 
 def normalisation_weights(triples, norm: str, num_units: int, num_selected: int,
@@ -64,48 +98,79 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _pow2(n: int) -> int:
-    return max(MIN_SELECTIONS, 1 << (max(n, 1) - 1).bit_length())
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def make_microbatches(loss_rows, triples, weights, rows_per_batch: int):
-    """Group the selected tokens by row into fixed-size microbatches of cropped rows."""
+    """Group the selected tokens by row into microbatches of up to `rows_per_batch` cropped
+    rows, the rows of one context together."""
     by_row, home_of = {}, {}
     for (row, pos, adv), weight in zip(triples, weights):
         ctx, comp = loss_rows[row].context, loss_rows[row].completion
+        if not ctx:
+            raise ValueError("a loss row needs at least one context token")
         # Rows with the same context and completion prefix have the same hidden state at
         # `pos`: read every such token from the first of them. A group's branch points (all
         # of T-SPMO's pairs after one prefix) then cost one forward row, not one per branch.
         home = home_of.setdefault((tuple(ctx), tuple(comp[:pos])), row)
-        by_row.setdefault(home, []).append((pos, comp[pos], adv, weight))
-    # Longest crops together, so padding inside a microbatch stays small.
-    order = sorted(by_row, key=lambda r: -(len(loss_rows[r].context) + max(s[0] for s in by_row[r])))
-    batches = []
-    for start in range(0, len(order), rows_per_batch):
-        chunk = order[start:start + rows_per_batch]
-        sequences, sel = [], []
-        for slot, row in enumerate(chunk):
-            ctx, comp = loss_rows[row].context, loss_rows[row].completion
-            if not ctx:
-                raise ValueError("a loss row needs at least one context token")
-            last = max(s[0] for s in by_row[row])
-            # The hidden state at input position len(ctx)+pos-1 predicts the token at pos.
-            sequences.append(ctx + comp[:last])
-            sel += [(slot, len(ctx) + pos - 1, target, adv, w) for pos, target, adv, w in by_row[row]]
-        width = _round_up(max(len(s) for s in sequences), WIDTH_BUCKET)
-        slots = min(rows_per_batch, 1 << (len(chunk) - 1).bit_length())
-        inputs = np.zeros((slots, width), dtype=np.int32)
-        for slot, seq in enumerate(sequences):
-            inputs[slot, :len(seq)] = seq
-        padded = _pow2(len(sel))
-        cols = np.zeros((5, padded), dtype=np.float64)
-        cols[:, :len(sel)] = np.array(sel, dtype=np.float64).T
-        batches.append(MicroBatch(
-            inputs=mx.array(inputs), rows=mx.array(cols[0].astype(np.int32)),
-            cols=mx.array(cols[1].astype(np.int32)), targets=mx.array(cols[2].astype(np.int32)),
-            advantages=mx.array(cols[3].astype(np.float32)),
-            weights=mx.array(cols[4].astype(np.float32))))
-    return batches
+        by_row.setdefault(home, []).append(Pick(pos, comp[pos], adv, float(weight)))
+    rows = [ForwardRow(loss_rows[r].context, loss_rows[r].completion, picks)
+            for r, picks in by_row.items()]
+    # A context's rows together, so it runs once per microbatch (twice if its rows straddle
+    # two); longest contexts and crops first, so padding inside a microbatch stays small.
+    longest = {}
+    for row in rows:
+        key = tuple(row.context)
+        longest[key] = max(longest.get(key, 0), len(row.context) + len(row.crop))
+    rows.sort(key=lambda row: (-longest[tuple(row.context)], tuple(row.context), -len(row.crop)))
+    return [pack_microbatch(rows[start:start + rows_per_batch], rows_per_batch)
+            for start in range(0, len(rows), rows_per_batch)]
+
+
+def pack_microbatch(rows, rows_per_batch: int) -> MicroBatch:
+    """Arrays of one microbatch of `ForwardRow`s, padded to bucketed shapes.
+
+    Contexts are not padded to a bucketed count: a padding context would cost a whole
+    forward of the widest one. A row that reads only its context's last state (a first
+    token) takes no row slot; when no row needs one, the rows' pass is skipped."""
+    contexts = list(dict.fromkeys(tuple(row.context) for row in rows))
+    context_slot = {context: slot for slot, context in enumerate(contexts)}
+    context_width = _round_up(max(map(len, contexts)), WIDTH_BUCKET)
+    context_tokens = np.zeros((len(contexts), context_width), dtype=np.int32)
+    context_padding = np.zeros(len(contexts), dtype=np.int32)
+    for slot, context in enumerate(contexts):
+        context_padding[slot] = context_width - len(context)
+        context_tokens[slot, context_padding[slot]:] = context
+    running = [i for i, row in enumerate(rows) if row.crop]
+    row_slot = {i: slot for slot, i in enumerate(running)}
+    # Padding rows hold token 0 after context 0: they stay finite, and nothing reads them.
+    num_rows = min(rows_per_batch, _pow2(len(running))) if running else 0
+    width = _round_up(max((len(rows[i].crop) for i in running), default=0), WIDTH_BUCKET)
+    inputs = np.zeros((num_rows, width), dtype=np.int32)
+    row_context = np.zeros(num_rows, dtype=np.int32)
+    for i, slot in row_slot.items():
+        inputs[slot, :len(rows[i].crop)] = rows[i].crop
+        row_context[slot] = context_slot[tuple(rows[i].context)]
+    selected = []
+    for i, row in enumerate(rows):
+        for p in row.picks:
+            # The state before completion[pos]: the context's last for pos 0, else the
+            # row's own at pos - 1 (rows' states follow all the contexts' states).
+            if p.pos == 0:
+                index = (context_slot[tuple(row.context)] + 1) * context_width - 1
+            else:
+                index = len(contexts) * context_width + row_slot[i] * width + p.pos - 1
+            selected.append((index, p.target, p.advantage, p.weight))
+    padded = _pow2(len(selected), MIN_SELECTIONS)
+    cols = np.zeros((4, padded), dtype=np.float64)
+    cols[:, :len(selected)] = np.array(selected, dtype=np.float64).T
+    return MicroBatch(
+        contexts=mx.array(context_tokens), context_padding=mx.array(context_padding),
+        inputs=mx.array(inputs), row_context=mx.array(row_context),
+        picks=mx.array(cols[0].astype(np.int32)), targets=mx.array(cols[1].astype(np.int32)),
+        advantages=mx.array(cols[2].astype(np.float32)),
+        weights=mx.array(cols[3].astype(np.float32)))
 
 
 def _slot_holding(model, target):
@@ -164,12 +229,34 @@ def apply_head(head, key, body, hidden):
         dict.__setitem__(head, key, body)
 
 
+def _continued(cache, row_context):
+    """A batched cache whose row r holds the keys and values of context row_context[r].
+
+    A gather, not mlx-lm's `filter` (which reads the padding back to the host, and so
+    cannot be compiled): its gradient adds every row's share back into its context's keys
+    and values, so the context's LoRA weights get the sum over the rows that read it."""
+    keys, values = cache.keys_and_values()
+    rows = BatchKVCache([0] * row_context.shape[0])
+    rows.state = (keys[row_context], values[row_context], cache.offset[row_context],
+                  cache.left_padding[row_context], cache.size())
+    return rows
+
+
 def selected_logprobs(model, batch: MicroBatch) -> mx.array:
     """log pi(target | context) at the selected positions only: the body runs once over the
-    cropped rows, the model's own head only on the selected positions' hidden states."""
+    contexts (prefilled into the model's cache, left-padded as in rollouts), once over the
+    cropped rows that continue them, and the model's own head only on the selected
+    positions' hidden states."""
     body, head, key = body_and_head(model)
-    picked = body(batch.inputs)[batch.rows, batch.cols]
-    logits = apply_head(head, key, body, picked[None])[0].astype(mx.float32)
+    cache = batch_cache(model, [0] * batch.contexts.shape[0])
+    for layer in cache:  # padding as an array, so that one compiled graph serves any
+        layer.prepare(left_padding=batch.context_padding)
+    hidden = [body(batch.contexts, cache=cache)]
+    if batch.inputs.size:  # a shape: fixed within one compiled graph
+        row_cache = [_continued(layer, batch.row_context) for layer in cache]
+        hidden.append(body(batch.inputs, cache=row_cache))
+    states = mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])
+    logits = apply_head(head, key, body, states[batch.picks][None])[0].astype(mx.float32)
     target_logits = mx.take_along_axis(logits, batch.targets[:, None], axis=-1)[:, 0]
     return target_logits - mx.logsumexp(logits, axis=-1)
 
@@ -177,27 +264,80 @@ def selected_logprobs(model, batch: MicroBatch) -> mx.array:
 def check_selected_logprobs(model, length: int = 8):
     """Start-up check: on a short input, the loss's log-probs equal the model's own
     (log_softmax of `model(x)`), at each position's most likely token and at random ones.
-    Refuses a model whose output head cannot be run on picked hidden states (one line).
+    Refuses (one line) a model whose output head cannot be run on picked hidden states, or
+    whose attention misreads left-padded contexts through the cache.
 
-    The body sees the same input both ways, so only the head's rounding can differ: the
-    tolerance is 1e-4 plus two units in the last place of the logits' dtype at their size."""
-    x = mx.arange(1, length + 1, dtype=mx.int32)[None]
-    logits = model(x)[0]
+    The input is read as two rows, after contexts of 1 and 3 tokens (left-padded together,
+    as the loss runs them). The body sees the same input both ways, so only rounding can
+    differ: the tolerance is 1e-4 plus two units in the last place of the logits' dtype at
+    their size."""
+    tokens = list(range(1, length + 1))
+    logits = model(mx.array(tokens)[None])[0]
     full = nn.log_softmax(logits.astype(mx.float32), axis=-1)
     half = length // 2
     random_ids = np.random.default_rng(0).integers(0, full.shape[-1], length - half)
-    targets = mx.concatenate([mx.argmax(full[:half], axis=-1).astype(mx.int32),
-                              mx.array(random_ids, dtype=mx.int32)])
-    positions = mx.arange(length, dtype=mx.int32)
-    ones = mx.ones(length)
-    batch = MicroBatch(x, mx.zeros(length, dtype=mx.int32), positions, targets, ones, ones)
-    expected = full[positions, targets]
-    error = mx.abs(selected_logprobs(model, batch) - expected).max().item()
+    targets = np.concatenate([np.array(mx.argmax(full[:half], axis=-1)), random_ids])
+    rows = [ForwardRow(tokens[:split], tokens[split:],
+                       [Pick(col + 1 - split, int(targets[col]), 1.0, 1.0)
+                        for col in range(split - 1, length)])
+            for split in (1, 3)]
+    batch = pack_microbatch(rows, rows_per_batch=2)
+    expected = np.concatenate([np.array(full[col, targets[col]]).reshape(1)
+                               for split in (1, 3) for col in range(split - 1, length)])
+    ours = np.array(selected_logprobs(model, batch))[:len(expected)]
+    error = float(np.abs(ours - expected).max())
     tolerance = 1e-4 + 2 * mx.finfo(logits.dtype).eps * mx.abs(logits).max().item()
     if not error <= tolerance:
         raise ModelLoadError(
             f"model type {model_type(model)!r}: the loss's log-probs differ from the model's "
-            f"own by {error:.3g} (tolerance {tolerance:.3g}); its output head is not supported")
+            f"own by {error:.3g} (tolerance {tolerance:.3g}); its output head or its attention "
+            f"over left-padded contexts is not supported")
+
+
+def checkpoint_blocks(model):
+    """Gradient checkpointing of every transformer block (all instances of its class): the
+    backward pass recomputes each block's activations instead of keeping them.
+
+    Why not mlx-lm's `grad_checkpoint`: the recomputation calls the block again with the
+    same cache object, whose `update_and_fetch` then appends the keys and values a second
+    time. Here the cache's arrays go into and out of the checkpointed function, which
+    updates a copy of the cache, so every recomputation starts from the cache as it was."""
+    block = type(model.layers[0])
+    forward = block.__call__
+    if getattr(forward, "checkpointed", False):
+        return  # patched before (another model of the same family)
+
+    def checkpointed(layer, x, mask=None, cache=None):
+        if cache is None:
+            def plain(params, x):
+                layer.update(params)
+                return forward(layer, x, mask)
+
+            return mx.checkpoint(plain)(layer.trainable_parameters(), x)
+        before = cache.state
+        takes = [i for i, value in enumerate(before) if isinstance(value, mx.array)]
+        after = []  # the cache's state after each call (the first: the forward pass)
+
+        def inner(params, x, *arrays):
+            layer.update(params)
+            copied = copy.copy(cache)
+            given = dict(zip(takes, arrays))
+            copied.state = tuple(given.get(i, value) for i, value in enumerate(before))
+            out = forward(layer, x, mask, copied)
+            after.append(list(copied.state))
+            return (out, *(value for value in after[-1] if isinstance(value, mx.array)))
+
+        out, *arrays = mx.checkpoint(inner)(layer.trainable_parameters(), x,
+                                            *(before[i] for i in takes))
+        state = after[0]
+        gives = [i for i, value in enumerate(state) if isinstance(value, mx.array)]
+        for i, value in zip(gives, arrays):
+            state[i] = value
+        cache.state = tuple(state)
+        return out
+
+    checkpointed.checkpointed = True
+    block.__call__ = checkpointed
 
 
 def policy_loss(model, batch: MicroBatch, beta: float = 0.0) -> mx.array:
@@ -233,10 +373,10 @@ def attach_ref_logprobs(model, batches):
 
 def make_loss_and_grad(model, beta: float = 0.0, compile: bool = True):
     """Return f(batch) -> (loss, grads of the trainable parameters)."""
+    names = [f.name for f in fields(MicroBatch)]
 
-    def loss_fn(inputs, rows, cols, targets, advantages, weights, ref_logprobs):
-        batch = MicroBatch(inputs, rows, cols, targets, advantages, weights, ref_logprobs)
-        return policy_loss(model, batch, beta)
+    def loss_fn(*arrays):
+        return policy_loss(model, MicroBatch(**dict(zip(names, arrays))), beta)
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
     if compile:
@@ -246,7 +386,6 @@ def make_loss_and_grad(model, beta: float = 0.0, compile: bool = True):
 
     def step(batch: MicroBatch):
         ref = batch.ref_logprobs if batch.ref_logprobs is not None else mx.zeros_like(batch.weights)
-        return value_and_grad(batch.inputs, batch.rows, batch.cols, batch.targets,
-                              batch.advantages, batch.weights, ref)
+        return value_and_grad(*(getattr(batch, name) for name in names[:-1]), ref)
 
     return step

@@ -21,17 +21,17 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.tuner.trainer import grad_checkpoint
 
 from .checkpoint import (atomic_write_bytes, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .distributed import World, as_world, init_world, start_timeout
 from .evaluate import evaluate, summary_from_counts
-from .loss import (LossRow, attach_ref_logprobs, check_selected_logprobs, make_loss_and_grad,
-                   make_microbatches, normalisation_weights)
+from .loss import (LossRow, attach_ref_logprobs, check_selected_logprobs, checkpoint_blocks,
+                   make_loss_and_grad, make_microbatches, normalisation_weights)
 from .config import ConfigError, TrainConfig, config_from_dict
 from .models import (add_lora, check_adapter_files, init_from_adapter, load_model, lora_config,
                      save_adapter_config, warn_once)
+from .memory import budget_bytes, check_run_fits, planned_rows
 from .replay import replay_step
 from .rewards import weighted, with_format_bonus
 from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout
@@ -173,7 +173,9 @@ def loss_and_grads(model, loss_and_grad, cfg, loss_rows, triples, totals: StepTo
     num_units, unit_of_row = loss_units(cfg, totals, loss_rows)
     weights = normalisation_weights(triples, cfg.loss_norm, num_units, int(totals.selected),
                                     unit_of_row)
-    batches = make_microbatches(loss_rows, triples, weights, cfg.microbatch_rows)
+    rows = cfg.microbatch_rows or planned_rows(loss_and_grad, loss_rows, triples,
+                                                budget_bytes(cfg.max_memory))
+    batches = make_microbatches(loss_rows, triples, weights, rows)
     if cfg.beta > 0:
         attach_ref_logprobs(model, batches)
     loss, grads = mx.array(0.0), None
@@ -281,7 +283,9 @@ def prepare_run(cfg: TrainConfig, resume: bool):
     check_batched_rollouts(model)  # one-line refusals before any work: batched rollouts,
     check_selected_logprobs(model)  # and the loss's use of the model's own output head
     if cfg.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
+        checkpoint_blocks(model)
+    if cfg.microbatch_rows is None:  # --max-memory: checkpointing if needed, or stop here
+        check_run_fits(model, tokenizer, task, cfg)
     optimizer = make_optimizer(cfg)
     out = Path(cfg.out)
     start = 0

@@ -9,7 +9,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_tokenrl.loss import MicroBatch, attach_ref_logprobs, lora_disabled
+from mlx_tokenrl.loss import (ForwardRow, Pick, attach_ref_logprobs, lora_disabled,
+                              pack_microbatch)
 from mlx_tokenrl.models import load_model
 
 INPUTS = [[5, 9, 40, 41, 42, 7, 100, 101, 3, 17, 18, 19, 0, 0, 0, 0],
@@ -26,10 +27,12 @@ def plain_model(tiny_model_dir):
 
 
 def hand_batch():
-    rows, cols, targets = (mx.array(list(col), dtype=mx.int32) for col in zip(*SELECTED))
-    ones = mx.ones(len(SELECTED))
-    return MicroBatch(inputs=mx.array(INPUTS, dtype=mx.int32), rows=rows, cols=cols,
-                      targets=targets, advantages=ones, weights=ones)
+    """Each row read after its first token (its context); the state at input position c
+    predicts completion position c."""
+    rows = [ForwardRow(tokens[:1], tokens[1:], [Pick(c, t, 1.0, 1.0)
+                                                for r, c, t in SELECTED if r == row])
+            for row, tokens in enumerate(INPUTS)]
+    return pack_microbatch(rows, rows_per_batch=2)
 
 
 def full_logit_logprobs(model) -> np.ndarray:
@@ -45,7 +48,7 @@ def test_ref_logprobs_are_the_base_models_not_the_policys(lora_model, plain_mode
     assert np.abs(policy - base).max() > 1e-2
     batch = hand_batch()
     attach_ref_logprobs(lora_model, [batch])
-    np.testing.assert_allclose(np.array(batch.ref_logprobs), base, atol=1e-5)
+    np.testing.assert_allclose(np.array(batch.ref_logprobs)[:len(SELECTED)], base, atol=1e-5)
     with lora_disabled(lora_model):
         np.testing.assert_allclose(full_logit_logprobs(lora_model), base, atol=1e-5)
     # And the reference left the policy as it was.

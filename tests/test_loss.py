@@ -14,21 +14,21 @@ from mlx_tokenrl.toy import TINY, tiny_family_model
 
 # Output heads of other mlx-lm families, each applied in its own Model.__call__ after the body.
 # Soft-cap and scale are set so that leaving them out changes log-probs far beyond rounding.
+# Shapes the loss's left-padded contexts (and batched rollouts) support: gemma2 without
+# grouped-query attention, gemma3 without sliding-window layers.
 HEADS = {
     "llama, tied": ("llama", {}),
     "llama, untied lm_head": ("llama", {"tie_word_embeddings": False}),
     "phi3, untied lm_head": ("phi3", {}),
-    "gemma2, final logit soft-capping": ("gemma2", {"final_logit_softcapping": 2.0}),
+    "gemma2, final logit soft-capping": ("gemma2", {"final_logit_softcapping": 2.0,
+                                                    "num_key_value_heads": 4}),
     "cohere, logit scale": ("cohere", {"logit_scale": 0.25}),
     "minicpm, width-scaled head": ("minicpm", {"dim_model_base": 16, "scale_depth": 1.4,
                                                "scale_emb": 12}),
     "gemma3, body inside a wrapper": ("gemma3", {"text_config": {
         "model_type": "gemma3_text", **TINY, "vocab_size": 320, "head_dim": 16,
-        "sliding_window": 8, "sliding_window_pattern": 2}}),
+        "sliding_window": 8, "sliding_window_pattern": 1}}),
 }
-
-
-
 
 
 def make_case(seed=0):
@@ -148,6 +148,14 @@ def test_startup_check_refuses_a_dropped_soft_cap(monkeypatch):
     model_type, config = HEADS["gemma2, final logit soft-capping"]
     with pytest.raises(ModelLoadError, match="model type 'gemma2': the loss's log-probs differ"):
         check_selected_logprobs(tiny_family_model(model_type, **config))
+
+
+def test_startup_check_refuses_attention_that_mishandles_left_padded_contexts():
+    """gemma2 with grouped-query attention broadcasts the batch's padding mask over its
+    key-value heads: the loss's contexts would be read wrongly, so the model is refused."""
+    model = tiny_family_model("gemma2", final_logit_softcapping=2.0)  # 4 heads, 2 KV heads
+    with pytest.raises(ModelLoadError, match="model type 'gemma2': the loss's log-probs differ"):
+        check_selected_logprobs(model)
 
 
 class HeadReadsTokens(llama.Model):

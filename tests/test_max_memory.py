@@ -1,0 +1,157 @@
+"""--max-memory: the loss's microbatch rows (and gradient checkpointing) are picked from its
+measured peak, so the loss+grad peak that metrics.jsonl logs stays under the budget; a
+budget that not even one row fits stops the run at start, in one line."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models import qwen2
+from typer.testing import CliRunner
+
+from mlx_tokenrl import memory, trainer
+from mlx_tokenrl.config import TrainConfig
+from mlx_tokenrl.loss import LossRow, make_loss_and_grad
+from mlx_tokenrl.models import add_lora, load_model, lora_config
+from tokenrl_cli.main import app
+
+MB = 1e-3  # GB
+
+
+def above_held(mb: float) -> float:
+    """A budget in GB: `mb` over what this test process holds already (other tests' arrays
+    count in MLX's peak too)."""
+    return mx.get_active_memory() / 1e9 + mb * MB
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, dense_files):
+    """The tiny model, with a dense reward so that every group has a loss."""
+    return tiny_model_dir, {"task": "jsonl", "data": str(dense_files / "data.jsonl"),
+                            "reward_fn": f"{dense_files / 'reward.py'}:digits"}
+
+
+def config(model_dir, out, **kw):
+    path, task = model_dir
+    return TrainConfig(**{**dict(model=str(path), out=str(out), algo="grpo", steps=2,
+                                 prompts_per_step=4, group_size=8, max_new_tokens=16,
+                                 temperature=1.0, warmup_steps=0, save_every=5, **task), **kw})
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """The rows each step's microbatches were made with."""
+    rows = []
+    make = trainer.make_microbatches
+    monkeypatch.setattr(trainer, "make_microbatches",
+                        lambda loss_rows, triples, weights, n: rows.append(n) or
+                        make(loss_rows, triples, weights, n))
+    return rows
+
+
+@pytest.fixture
+def block_call(monkeypatch):
+    """The tiny model's block class; gradient checkpointing (patched into it) is undone
+    after the test."""
+    monkeypatch.setattr(qwen2.TransformerBlock, "__call__", qwen2.TransformerBlock.__call__)
+    return qwen2.TransformerBlock
+
+
+@pytest.mark.parametrize("budget_mb, rows", [(6, 1), (40, 8)])
+def test_loss_peak_stays_under_the_budget(model_dir, tmp_path, planned, block_call,
+                                          budget_mb, rows):
+    """On the tiny model one row of a step's length needs about 3.6 MB (its weights, 0.4 MB,
+    included) over what was held before: 6 MB fits one row per microbatch, 40 MB eight.
+    Each step's logged loss peak is under the budget."""
+    budget = above_held(budget_mb)
+    out = trainer.train(config(model_dir, tmp_path / "run", max_memory=budget))
+    peaks = [json.loads(line)["loss_peak_memory_gb"] for line in open(out / "metrics.jsonl")]
+    assert len(peaks) == 2 and max(peaks) <= budget
+    assert planned == [rows, rows]
+    assert not getattr(block_call.__call__, "checkpointed", False)  # one row fits without
+
+
+def test_checkpointing_is_turned_on_when_one_row_needs_it(model_dir, tmp_path, planned,
+                                                           block_call):
+    """3 MB: one row needs about 3.6 MB as it is and 2.6 MB with gradient checkpointing."""
+    budget = above_held(3)
+    out = trainer.train(config(model_dir, tmp_path / "run", max_memory=budget))
+    assert getattr(block_call.__call__, "checkpointed", False)
+    peaks = [json.loads(line)["loss_peak_memory_gb"] for line in open(out / "metrics.jsonl")]
+    assert max(peaks) <= budget and planned == [1, 1]
+
+
+def test_an_impossible_budget_stops_at_start_in_one_line(tiny_model_dir, tmp_path, block_call):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "multiply", "--digits", "1x1", "--model",
+                                      str(tiny_model_dir), "--max-memory", "0.0005",
+                                      "--steps", "1", "--prompts-per-step", "1",
+                                      "--max-new-tokens", "8", "--out", str(out)])
+    assert result.exit_code not in (0, 70), result.output
+    errors = result.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: --max-memory 0.0005 GB is too small")
+    assert "even with gradient checkpointing" in errors[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-memory", "0"], "--max-memory must be greater than 0"),
+    (["--max-memory", "2", "--microbatch-rows", "4"], "--max-memory and --microbatch-rows both"),
+])
+def test_bad_memory_settings_are_one_line(tiny_model_dir, tmp_path, args, message):
+    result = CliRunner().invoke(app, ["train", "multiply", "--model", str(tiny_model_dir),
+                                      "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code not in (0, 70)
+    errors = result.stderr.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+
+
+def test_explicit_rows_override_the_plan(model_dir, tmp_path, planned, block_call):
+    trainer.train(config(model_dir, tmp_path / "run", steps=1, microbatch_rows=3))
+    assert planned == [3]
+
+
+def test_rows_are_replanned_only_for_longer_rows(tiny_model_dir, monkeypatch):
+    model, _ = load_model(str(tiny_model_dir))
+    add_lora(model, lora_config(rank=4))
+    mx.eval(model.parameters())
+    loss_and_grad = make_loss_and_grad(model)
+    probed = []
+    probe = memory.probe_peak
+    monkeypatch.setattr(memory, "probe_peak",
+                        lambda f, shape, rows: probed.append(shape) or probe(f, shape, rows))
+
+    def rows_for(context, completion):
+        rows = [LossRow([1] * context, [2] * completion)]
+        return memory.planned_rows(loss_and_grad, rows, [(0, completion - 1, 1.0)], int(20e6))
+
+    assert rows_for(30, 40) >= 4
+    assert set(probed) == {memory.RowShape(64, 64)}
+    assert rows_for(60, 10) >= 4 and len(set(probed)) == 1  # within what was probed
+    long_rows = rows_for(100, 100)
+    assert memory.RowShape(128, 128) in probed
+    assert 1 <= long_rows <= rows_for(30, 40)
+
+
+def test_a_guess_that_does_not_fit_is_halved_until_it_does(monkeypatch):
+    """Peaks that grow faster than the rows (as the loss's power-of-two selection buckets
+    can make them): the first guess from one row's cost overshoots, and is measured, not
+    trusted."""
+    held, per_row = 1000, 100
+    peaks = {}
+
+    def superlinear(loss_and_grad, shape, rows):
+        peaks[rows] = held + per_row * rows ** 1.5
+        return peaks[rows]
+
+    monkeypatch.setattr(memory, "probe_peak", superlinear)
+    monkeypatch.setattr(memory.mx, "get_active_memory", lambda: held)
+    plan = memory.fitting_plan(None, memory.RowShape(64, 64), budget=held + 2000)
+    assert max(peaks) == 16  # the guess: 2000 / 100 rows, as a power of two
+    assert plan.rows == 4 and plan.peak == peaks[4] <= held + 2000 < peaks[8]
+
+
+def test_default_budget_is_a_share_of_the_machine():
+    assert memory.budget_bytes(None) == int(memory.DEFAULT_SHARE * memory.machine_memory_bytes())
+    assert memory.budget_bytes(2.5) == 2_500_000_000
+    assert memory.machine_memory_bytes() > 1e9
