@@ -239,7 +239,7 @@ def lr_schedule(cfg: TrainConfig):
 
 def make_optimizer(cfg: TrainConfig):
     if cfg.steps < cfg.warmup_steps:
-        warn_once(f"--steps {cfg.steps} <= --warmup-steps {cfg.warmup_steps}: the run ends "
+        warn_once(f"--steps {cfg.steps} < --warmup-steps {cfg.warmup_steps}: the run ends "
                   f"before the learning rate reaches --lr {cfg.lr:g}")
     return optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=cfg.weight_decay)
 

@@ -41,7 +41,7 @@ def test_the_update_uses_the_rate_of_its_training_step(lora_model):
 
 def test_short_runs_warn_that_warmup_never_finishes(capsys):
     trainer.make_optimizer(TrainConfig(steps=3, warmup_steps=5))
-    assert "warning: --steps 3 <= --warmup-steps 5" in capsys.readouterr().err
+    assert "warning: --steps 3 < --warmup-steps 5" in capsys.readouterr().err
 
 
 def test_the_first_step_changes_the_adapter(tiny_model_dir, dense_files, tmp_path):
