@@ -1,9 +1,14 @@
-"""Per-algorithm RL step cost: rollout / loss+grad / update time and loss+grad peak memory.
+"""Per-algorithm RL step cost: rollout time, and loss+grad time and peak memory with each
+group's prompt run once (shared through a KV cache, what the trainer does) and run again by
+every row of the group (per-row: the loss as it was at commit BEFORE, read from git), side
+by side in the trainer's own loss loop.
 
-Runs the trainer's own step (`trainer.run_step`) on a 135M-parameter Qwen2-shaped random
-model, B=2 prompts x G=8 completions, 128 new tokens, LoRA rank 8 on every layer. The
-random model cannot solve anything, so rewards are a fixed pseudo-random 0/1 per completion
-text: every group carries signal and every algorithm gets the same rollouts.
+A 135M-parameter Qwen2-shaped random model (SmolLM2-135M's dimensions), LoRA rank 8 on every
+layer, B=4 prompts x G=8 completions, 128 new tokens, prompts of 100-150 tokens (about a
+SVAMP chat prompt); or `--model` a real one on SVAMP's questions. Rewards are a fixed
+pseudo-random 0/1 per completion text (the random model cannot solve anything): every group
+carries signal, and T-SPMO replays.
+Each step's rows are computed both ways, in alternating order; the first step compiles.
 
     python scripts/bench_step.py --out results/bench_step.json
 """
@@ -11,81 +16,222 @@ text: every group carries signal and every algorithm gets the same rollouts.
 import argparse
 import hashlib
 import json
+import subprocess
 import tempfile
+import time
+import types
 from pathlib import Path
+from unittest.mock import patch
 
 import mlx_tokenrl  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.table import Table
 
 from mlx_tokenrl import trainer
 from mlx_tokenrl.config import ALGOS, TrainConfig
-from mlx_tokenrl.loss import make_loss_and_grad
-from mlx_tokenrl.tasks import Example, Task
+from mlx_tokenrl import loss as loss_module
+from mlx_tokenrl.models import add_lora, load_model, lora_config
+from mlx_tokenrl.tasks import Example, Task, load_task
 from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
+
+BEFORE = "a2e7e9a"  # the last commit whose loss ran every row's whole context
+WORDS = ("what is times plus minus has had how many apples more less each total the a of and "
+         "to in is was he she they there are were left gave bought").split()
 
 
 def coin_reward(text: str, answer: str) -> float:
     return float(hashlib.sha256(text.encode()).digest()[0] % 2)
 
 
-def bench_algo(cfg, task, steps, model, tokenizer):
-    optimizer = trainer.make_optimizer(cfg)
-    loss_and_grad = make_loss_and_grad(model, cfg.beta, cfg.compile)
-    world = mx.distributed.init()
-    # Step 0 compiles and warms up; the rest are measured.
-    rows = [trainer.run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, s)
-            for s in range(steps + 1)][1:]
-    keys = ("rollout_s", "loss_s", "update_s", "step_s", "loss_peak_memory_gb",
-            "selected_tokens", "generated_tokens")
-    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+def questions_of_length(tokenizer, task, count, low, high, seed=0):
+    """`count` word-salad questions whose full chat prompt is low..high tokens."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < count:
+        target = int(rng.integers(low, high + 1))
+        words = []
+        while len(tokenizer.encode(task.prompt(tokenizer, " ".join(words)))) < target:
+            words.append(str(rng.choice(WORDS)) if rng.random() < 0.8 else str(rng.integers(100)))
+        out.append(" ".join(words))
+    return out
+
+
+def loss_before():
+    """mlx_tokenrl/loss.py as it was at BEFORE (every row ran its whole context), loaded from
+    git as a module of its own beside today's."""
+    source = subprocess.run(["git", "-C", str(Path(__file__).parent), "show",
+                             f"{BEFORE}:mlx_tokenrl/loss.py"],
+                            capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType("mlx_tokenrl.loss_before")
+    module.__package__ = "mlx_tokenrl"  # its relative imports are the package's own modules
+    exec(compile(source, f"{BEFORE}:mlx_tokenrl/loss.py", "exec"), module.__dict__)
+    return module
+
+
+def shareable_prefix_tokens(loss_rows, triples):
+    """Completion tokens that rows of one context run more than once (a prefix tree would run
+    them once), and all tokens the shared-context loss runs (contexts once, then rows)."""
+    crop = {}
+    for row, pos, _ in triples:
+        crop[row] = max(crop.get(row, 0), pos)
+    prefixes, run, contexts = set(), 0, set()
+    for row, length in crop.items():
+        context, completion = tuple(loss_rows[row].context), loss_rows[row].completion
+        contexts.add(context)
+        run += length
+        prefixes.update((context, tuple(completion[:k])) for k in range(1, length + 1))
+    return run - len(prefixes), run + sum(map(len, contexts))
+
+
+def measure(model, variant, cfg, rows, triples, totals):
+    """The trainer's loss+grad of a step, with `variant`'s microbatches and compiled step."""
+    make_microbatches, loss_and_grad = variant
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    with patch.object(trainer, "make_microbatches", make_microbatches):
+        value, _ = trainer.loss_and_grads(model, loss_and_grad, cfg, rows, triples, totals)
+    return {"loss_s": time.perf_counter() - start, "peak_gb": mx.get_peak_memory() / 1e9,
+            "loss": float(value)}
+
+
+def bench_algo(cfg, task, steps, model, tokenizer, before):
+    variants = {name: (loss.make_microbatches,
+                       loss.make_loss_and_grad(model, cfg.beta, cfg.compile))
+                for name, loss in (("shared", loss_module), ("per_row", before))}
+    measured = {name: [] for name in variants}
+    rollout_s, selected, prompt_tokens, shareable = [], [], [], []
+    for step in range(steps + 1):  # step 0 compiles and warms up
+        start = time.perf_counter()
+        indices = trainer.step_prompt_indices(len(task.train), step, cfg.prompts_per_step,
+                                              cfg.seed)
+        rows, triples, stats = trainer.rollout_and_select(model, tokenizer, task, cfg, step,
+                                                          task.train, indices)
+        took = time.perf_counter() - start
+        totals = trainer.StepTotals(stats["completions"] + stats["replay_groups"] * cfg.group_size,
+                                    stats["groups"] + stats["replay_groups"], len(triples))
+        order = ["per_row", "shared"] if step % 2 else ["shared", "per_row"]
+        results = {name: measure(model, variants[name], cfg, rows, triples, totals)
+                   for name in order}
+        # The same loss both ways (up to float rounding), or the comparison means nothing.
+        assert abs(results["shared"]["loss"] - results["per_row"]["loss"]) < 1e-4, results
+        if step == 0:
+            continue
+        rollout_s.append(took)
+        selected.append(len(triples))
+        prompt_tokens += [len(row.context) for row in rows]
+        shared_tokens, run_tokens = shareable_prefix_tokens(rows, triples)
+        shareable.append(shared_tokens / run_tokens)
+        for name in measured:
+            measured[name].append(results[name])
+    out = {"rollout_s": float(np.mean(rollout_s)), "selected_tokens": float(np.mean(selected)),
+           "mean_context_tokens": float(np.mean(prompt_tokens)),
+           "shareable_completion_prefix_share": float(np.mean(shareable))}
+    for name, runs in measured.items():
+        out[f"{name}_loss_s"] = float(np.mean([r["loss_s"] for r in runs]))
+        out[f"{name}_peak_gb"] = float(np.mean([r["peak_gb"] for r in runs]))
+    out["time_shared_vs_per_row"] = out["shared_loss_s"] / out["per_row_loss_s"]
+    out["memory_shared_vs_per_row"] = out["shared_peak_gb"] / out["per_row_peak_gb"]
+    return out
+
+
+def model_described(args) -> str:
+    if args.model:
+        return f"{Path(args.model).name} (float32) on SVAMP's first 32 training questions"
+    return (f"a 135M-parameter Qwen2-shaped random model (SmolLM2-135M's dimensions), prompts "
+            f"of {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens")
+
+
+def write_markdown(path: Path, args, results, weights_gb):
+    lines = [
+        "# RL step cost per algorithm: shared vs per-row prompts in the loss", "",
+        f"`python scripts/bench_step.py{' --model ' + args.model if args.model else ''} "
+        f"--out {args.out}` (MLX {mx.__version__}, OpenBLAS, "
+        f"2-core Linux CPU, float32; the machine was busy with other runs, so times are noisy "
+        f"and the two variants alternate within each step): {model_described(args)}, "
+        f"B={args.prompts_per_step} prompts x G={args.group_size}, {args.max_new_tokens} new "
+        f"tokens, LoRA rank 8 on every linear "
+        f"layer, default settings (microbatch 8 rows, S-GRPO alpha=4 k=24 P=0.75, T-SPMO with "
+        f"2 replays); mean of {args.steps} steps after a warm-up step. Rewards are a fixed "
+        f"pseudo-random 0/1 per completion text, so every group carries signal. Peak memory "
+        f"includes the model's {weights_gb:.2f} GB of float32 weights.", "",
+        "*shared*: each microbatch runs each group's context (prompt, or prompt + replayed "
+        "prefix) once and its rows read it through a KV cache (the trainer's loss). *per-row*: "
+        f"every row runs its whole context: the loss as it was at commit {BEFORE} (loaded from "
+        "git), in the same trainer loop. Both give the same loss (checked every step).", "",
+        "| algo | rollout s | tokens in loss | mean context tokens | per-row loss+grad s | "
+        "shared loss+grad s | time shared/per-row | per-row peak GB | shared peak GB | "
+        "memory shared/per-row |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for algo, r in results.items():
+        lines.append(
+            f"| {algo} | {r['rollout_s']:.1f} | {r['selected_tokens']:.0f} | "
+            f"{r['mean_context_tokens']:.0f} | {r['per_row_loss_s']:.2f} | "
+            f"{r['shared_loss_s']:.2f} | {r['time_shared_vs_per_row']:.2f}x | "
+            f"{r['per_row_peak_gb']:.2f} | {r['shared_peak_gb']:.2f} | "
+            f"{r['memory_shared_vs_per_row']:.2f}x |")
+    share = results.get("t-spmo", {}).get("shareable_completion_prefix_share")
+    if share is not None:
+        lines += ["", f"T-SPMO: completion tokens that rows of one context share beyond it "
+                      f"(a prefix tree over the rows would run them once) are {share:.1%} of "
+                      f"the tokens its shared loss runs."]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per algorithm")
+    parser.add_argument("--steps", type=int, default=2, help="measured steps per algorithm")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--prompts-per-step", type=int, default=2)
+    parser.add_argument("--prompts-per-step", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[100, 150])
+    parser.add_argument("--algos", default=",".join(ALGOS))
+    parser.add_argument("--model", help="a real model instead of the random 135M one; its "
+                        "prompts are then SVAMP's training questions (the bundled copy)")
     parser.add_argument("--out", default="results/bench_step.json")
     args = parser.parse_args()
     console = Console()
-    questions = [f"what is {i} times {i + 3} ? think step by step" for i in range(32)]
-    task = Task("coin", [Example(q, "0") for q in questions], [], coin_reward)
+    before = loss_before()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_toy_model(Path(tmp) / "m135", **SHAPE_135M)
-        for algo in ALGOS:
+        path = args.model or build_toy_model(Path(tmp) / "m135", **SHAPE_135M)
+        for algo in args.algos.split(","):
             cfg = TrainConfig(model=str(path), algo=algo, steps=100,
-                                      prompts_per_step=args.prompts_per_step,
-                                      group_size=args.group_size,
-                                      max_new_tokens=args.max_new_tokens, out=tmp)
-            model, tokenizer = mlx_tokenrl.models.load_model(cfg.model)
+                              prompts_per_step=args.prompts_per_step,
+                              group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                              microbatch_rows=8, out=tmp)
+            model, tokenizer = load_model(cfg.model)
             mx.random.seed(0)
-            mlx_tokenrl.models.add_lora(model, mlx_tokenrl.models.lora_config(cfg.lora_rank, cfg.lora_scale))
-            results[algo] = bench_algo(cfg, task, args.steps, model, tokenizer)
+            add_lora(model, lora_config(cfg.lora_rank, cfg.lora_scale))
+            task = Task("coin", [], [], coin_reward)
+            questions = ([e.question for e in load_task("svamp").train[:32]] if args.model else
+                         questions_of_length(tokenizer, task, 32, *args.prompt_tokens))
+            task.train = [Example(q, "0") for q in questions]
+            weights_gb = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
+            results[algo] = bench_algo(cfg, task, args.steps, model, tokenizer, before)
             console.print(algo, results[algo])
             del model
 
-    grpo = results["grpo"]
-    table = Table(title=f"RL step, 135M Qwen2-shaped, B={args.prompts_per_step} G={args.group_size}, "
-                        f"{args.max_new_tokens} new tokens (mean of {args.steps} steps)")
-    for col in ("algo", "rollout s", "loss+grad s", "update s", "loss+grad peak GB",
-                "tokens in loss", "loss+grad time vs GRPO", "peak memory vs GRPO"):
+    table = Table(title=f"RL step: {model_described(args)}, B={args.prompts_per_step} "
+                        f"G={args.group_size}, {args.max_new_tokens} new tokens (mean of "
+                        f"{args.steps} steps; busy machine)")
+    for col in ("algo", "rollout s", "tokens in loss", "per-row loss+grad s",
+                "shared loss+grad s", "time", "per-row peak GB", "shared peak GB", "memory"):
         table.add_column(col, justify="right")
     for algo, r in results.items():
-        r["loss_time_vs_grpo"] = r["loss_s"] / grpo["loss_s"]
-        r["loss_memory_vs_grpo"] = r["loss_peak_memory_gb"] / grpo["loss_peak_memory_gb"]
-        table.add_row(algo, f"{r['rollout_s']:.2f}", f"{r['loss_s']:.2f}", f"{r['update_s']:.3f}",
-                      f"{r['loss_peak_memory_gb']:.2f}", f"{r['selected_tokens']:.0f}",
-                      f"{r['loss_time_vs_grpo']:.2f}x", f"{r['loss_memory_vs_grpo']:.2f}x")
+        table.add_row(algo, f"{r['rollout_s']:.1f}", f"{r['selected_tokens']:.0f}",
+                      f"{r['per_row_loss_s']:.2f}", f"{r['shared_loss_s']:.2f}",
+                      f"{r['time_shared_vs_per_row']:.2f}x", f"{r['per_row_peak_gb']:.2f}",
+                      f"{r['shared_peak_gb']:.2f}", f"{r['memory_shared_vs_per_row']:.2f}x")
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "mlx": mx.__version__, "results": results}, indent=2))
-    console.print(f"wrote {out}")
+    out.write_text(json.dumps({"args": vars(args), "mlx": mx.__version__, "results": results},
+                              indent=2))
+    write_markdown(out.with_suffix(".md"), args, results, weights_gb)
+    console.print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
