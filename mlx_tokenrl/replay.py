@@ -90,7 +90,7 @@ def gather_candidates(world: World, local, capacity: int) -> list:
 
 
 def replay_step(model, tokenizer, task, cfg, step: int, world: World, groups, solved, prompts,
-                indices, positions) -> list:
+                answers, indices, positions) -> list:
     """Choose the step's cuts (over all ranks) and sample a group after each of this rank's.
 
     Each continuation may use what its cut left of the completion budget
@@ -107,14 +107,14 @@ def replay_step(model, tokenizer, task, cfg, step: int, world: World, groups, so
     if not kept:
         return []
     mine, prefixes = [c for c, _ in kept], [p for _, p in kept]
-    sampled = rollout(model, tokenizer, [prompts[local[c.position]] for c in mine],
+    rows = [local[c.position] for c in mine]  # each cut's prompt among this rank's
+    sampled = rollout(model, tokenizer, [prompts[g] for g in rows],
                       cfg.group_size, SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens),
-                      [derived_seed(cfg.seed, REPLAY_SAMPLING, step, indices[local[c.position]], c.cut)
-                       for c in mine],
-                      [task.train[indices[local[c.position]]].answer for c in mine], task.reward,
+                      [derived_seed(cfg.seed, REPLAY_SAMPLING, step, indices[g], c.cut)
+                       for g, c in zip(rows, mine)],
+                      [answers[g] for g in rows], task.reward,
                       prefixes=prefixes, budgets=[cfg.max_new_tokens - c.cut for c in mine])
     G = cfg.group_size
-    return [ReplayGroup(c, list(prompts[local[c.position]]) + list(prefix),
-                        sampled[n * G:(n + 1) * G],
+    return [ReplayGroup(c, list(prompts[g]) + list(prefix), sampled[n * G:(n + 1) * G],
                         derived_rng(cfg.seed, REPLAY_SELECTION, step, c.pick))
-            for n, (c, prefix) in enumerate(zip(mine, prefixes))]
+            for n, (c, g, prefix) in enumerate(zip(mine, rows, prefixes))]

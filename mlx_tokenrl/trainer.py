@@ -144,7 +144,7 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
     if cfg.algo == "t-spmo" and cfg.tspmo_replay > 0:
         on_phase("replay")
         replayed = replay_step(model, tokenizer, task, cfg, step, world, groups, solved, prompts,
-                               indices, positions)
+                               answers, indices, positions)
         add_groups(cfg, [r.completions for r in replayed], [r.context for r in replayed],
                    [r.rng for r in replayed], loss_rows, triples, first_group=len(groups))
         stats["replay_groups"] = len(replayed)

@@ -90,7 +90,8 @@ def test_replayed_groups_continue_a_solved_prefix_within_the_budget(model_and_to
     assert solved and any(c.reward < 1.0 for c in sampled)
     flags = [[c.reward >= 1.0 for c in group] for group in groups]
     replayed = replay_step(model, tok, task, cfg, step=0, world=World(), groups=groups,
-                           solved=flags, prompts=prompts, indices=[0, 1], positions=[0, 1])
+                           solved=flags, prompts=prompts, answers=["6", "x"], indices=[0, 1],
+                           positions=[0, 1])
     assert 1 <= len(replayed) <= min(3, len(solved))
     for r in replayed:
         source = groups[r.cut.position][r.cut.completion]
