@@ -11,7 +11,7 @@ Each prompt is prefilled once; its KV rows are then repeated for its G completio
 Finished rows are dropped from the batch (cache compaction) so a few long completions do
 not keep every row busy. Sampling uses one random key per completion, advanced every step:
 what is sampled for a prompt depends on its seed only, not on which other prompts share the
-batch or when rows are compacted.
+batch or when rows are compacted (`sampling.py`).
 """
 
 from dataclasses import dataclass
@@ -20,9 +20,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
-from mlx_lm.sample_utils import apply_top_p
 
 from .models import ModelLoadError, first_line, model_type
+from .sampling import advance_keys, row_keys, sample_tokens
 
 # Drop finished rows once at least this share of the batch has finished: compaction copies
 # the KV cache, so doing it for every single finished row would cost more than it saves.
@@ -43,27 +43,6 @@ class Completion:
     truncated: bool  # hit max_new_tokens before EOS
     text: str = ""  # decoded without the EOS token
     reward: float = 0.0
-
-
-def prompt_keys(seeds, group_size: int) -> mx.array:
-    """One PRNG key per completion, (len(seeds) * group_size, 2), prompt-major."""
-    keys = [mx.random.split(mx.random.key(int(s)), group_size) for s in seeds]
-    return mx.concatenate(keys, axis=0)
-
-
-_advance_keys = mx.vmap(lambda k: mx.random.split(k)[0])
-
-
-def sample_tokens(logits: mx.array, keys: mx.array, params: SamplingParams) -> mx.array:
-    """Per-row Gumbel-max sampling with per-row keys; greedy at temperature 0."""
-    if params.temperature == 0:
-        return mx.argmax(logits, axis=-1)
-    logits = logits.astype(mx.float32) * (1.0 / params.temperature)
-    if params.top_p < 1.0:
-        logits = apply_top_p(logits - mx.logsumexp(logits, axis=-1, keepdims=True), params.top_p)
-    vocab = logits.shape[-1]
-    noise = mx.vmap(lambda k: mx.random.gumbel(shape=(vocab,), key=k))(keys)
-    return mx.argmax(logits + noise, axis=-1)
 
 
 def _left_pad(sequences, pad_id: int = 0):
@@ -157,14 +136,17 @@ def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParam
     _keep_rows(cache, repeat)
     logits = logits[repeat]
 
-    keys = prompt_keys(seeds, group_size)
+    keys = row_keys(seeds, group_size)
     eos = np.array(sorted(eos_ids), dtype=np.int64)
     active = np.arange(num_rows)  # global row id of each batch row, in batch order
     produced = [[] for _ in range(num_rows)]
     finished = np.zeros(num_rows, dtype=bool)
     ended = np.zeros(num_rows, dtype=bool)  # by EOS, not by the budget
 
-    tokens = sample_tokens(logits, keys, params)
+    def sample(logits, keys):
+        return sample_tokens(logits, keys, params.temperature, params.top_p)
+
+    tokens = sample(logits, keys)
     mx.async_eval(tokens)
     longest = int(row_budget.max())
     for step in range(longest):
@@ -172,8 +154,8 @@ def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParam
         if not last_step:
             # Queue the next step before reading this one, so the host bookkeeping below
             # overlaps with the model's compute.
-            keys = _advance_keys(keys)
-            next_tokens = sample_tokens(model(tokens[:, None], cache=cache)[:, -1, :], keys, params)
+            keys = advance_keys(keys)
+            next_tokens = sample(model(tokens[:, None], cache=cache)[:, -1, :], keys)
             mx.async_eval(next_tokens)
         host = np.array(tokens)
         for row, token in zip(active, host):

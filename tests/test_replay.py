@@ -75,9 +75,10 @@ def test_budgets_cap_each_prompts_completions(model_and_tokenizer):
 
 def test_replayed_groups_continue_a_solved_prefix_within_the_budget(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    # Reward: solved when the text is long; the tiny model's completions vary in length.
+    # Reward: solved when the text is long; the tiny model's completions vary in length
+    # (37-55 characters with these seeds).
     task = Task("toy", [Example("what is 2 times 3?", "6"), Example("say something", "x")], [],
-                reward=lambda text, answer: 1.0 if len(text) > 12 else 0.1)
+                reward=lambda text, answer: 1.0 if len(text) > 43 else 0.1)
     cfg = TrainConfig(algo="t-spmo", group_size=4, max_new_tokens=24, temperature=1.0,
                       tspmo_replay=3, prompts_per_step=2)
     prompts = encode_prompts(tok, [format_prompt(tok, e.question) for e in task.train])

@@ -28,10 +28,12 @@ def rewards(run_dir):
     return [json.loads(line)["reward_mean"] for line in open(run_dir / "metrics.jsonl")]
 
 
-# T-SPMO's signal is sparser (only branch points: here mostly the first token, plus the
-# replayed cuts), so it gets a larger step size and more steps to show the same rise.
+# T-SPMO's signal is sparser (only branch points: here mostly the first token; this dense
+# reward never reaches 1, so nothing is replayed), so it gets a larger step size and more
+# steps to show the same rise: at 40 steps it rose on 1 of seeds 0-3 (with either sampler),
+# at 60 on all four (last 5 steps 0.52-0.92, from 0.01-0.02).
 @pytest.mark.parametrize("algo, steps, lr", [("grpo", 30, 3e-3), ("s-grpo", 30, 3e-3),
-                                             ("t-spmo", 40, 1e-2)])
+                                             ("t-spmo", 60, 1e-2)])
 def test_each_algorithm_learns_a_dense_reward(tiny_model_dir, dense_task, tmp_path, algo, steps, lr):
     run = train(config(tiny_model_dir, dense_task, tmp_path / algo, algo=algo, steps=steps, lr=lr))
     curve = rewards(run)
