@@ -133,6 +133,12 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
     return row
 
 
+# Settings that change how a step is computed or recorded, not what is learned: a resumed
+# compare may change them (e.g. a smaller --max-memory when two arms share a machine).
+HOW_NOT_WHAT = {"out", "max_memory", "microbatch_rows", "grad_checkpoint", "compile",
+                "save_every", "report_to", "project_name", "samples_every", "samples_count"}
+
+
 def check_same_settings(what: str, saved: Path, cfg: TrainConfig, key: str | None = None):
     """--resume continues a compare only with the settings it started with: an arm trained
     half with one --lr and half with another, or scored beside arms of other settings, is no
@@ -142,7 +148,7 @@ def check_same_settings(what: str, saved: Path, cfg: TrainConfig, key: str | Non
     values = json.loads(saved.read_text())
     before = asdict(config_from_dict(values[key] if key else values))
     now = asdict(cfg)
-    changed = [name for name in now if name != "out" and before[name] != now[name]]
+    changed = [name for name in now if name not in HOW_NOT_WHAT and before[name] != now[name]]
     if changed:
         diffs = ", ".join(f"--{n.replace('_', '-')} {before[n]!r} -> {now[n]!r}" for n in changed)
         raise ConfigError(f"--resume: {what} was run with other settings ({diffs}); use its "

@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
+from .cpu_kernels import fast_swiglu
 from .models import ModelLoadError, first_line, model_type
 from .sampling import advance_keys, row_keys, sample_tokens
 
@@ -128,6 +129,12 @@ def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParam
                     eos_ids, seeds, budgets=None):
     """Sample `group_size` completions per prompt; returns (tokens, truncated) per row.
     `budgets` caps each prompt's completions below `params.max_new_tokens`."""
+    with fast_swiglu(model):
+        return _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds,
+                                budgets)
+
+
+def _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds, budgets):
     num_rows = len(prompt_tokens) * group_size
     budgets = [params.max_new_tokens] * len(prompt_tokens) if budgets is None else budgets
     row_budget = np.repeat(np.minimum(budgets, params.max_new_tokens), group_size)

@@ -24,6 +24,9 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
 # Qwen2-shaped stand-in with SmolLM2-135M's dimensions (~135M parameters).
 SHAPE_135M = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                   num_key_value_heads=3, intermediate_size=1536, vocab_size=49152)
+# Qwen2.5-(Coder-)0.5B-Instruct's dimensions: 151k vocabulary, tied embeddings (~494M).
+SHAPE_QWEN_0_5B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, intermediate_size=4864, vocab_size=151936)
 
 
 def _corpus():

@@ -490,9 +490,9 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
     done = start
     try:
         for step in range(start, cfg.steps):
-            # MLX keeps freed buffers for reuse. One phase's (the rollout's growing KV caches
-            # and logits) fit the next badly: kept, they took a 0.5B run with a 7.4 GB peak
-            # to 13.8 GB resident. So every phase (rollout, loss, evaluation) starts with none.
+            # MLX keeps freed buffers for reuse (on Metal up to its memory limit, on the CPU
+            # 32 MB). One phase's (the rollout's growing KV caches and logits) fit the next
+            # badly, so every phase (rollout, loss, evaluation) starts with none kept.
             mx.clear_cache()
             metrics = run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
                                on_phase=report_phase,

@@ -1,11 +1,16 @@
-"""Rollout throughput: ours vs mlx_lm.batch_generate vs the bare decode-step forward.
+"""Rollout throughput: ours (today's, and as it was at BEFORE) vs mlx_lm.batch_generate vs
+the bare decode-step forward vs the physical limit of this machine.
 
-For each B x G shape, all three columns are measured side by side in one run on the same
-model and prompts (machines here are shared: compare ratios, not absolute numbers across
-runs). The ceiling is the model's forward for one decode step with B*G rows in a plain
-batched KV cache: no sampling, no bookkeeping.
+For each B x G shape, every column is measured side by side in one run on the same model and
+prompts (machines here are shared: compare ratios, not absolute numbers across runs).
+"forward only" is the model's forward for one decode step with B*G rows in a plain batched
+KV cache: no sampling, no bookkeeping. The limit comes from two probes in the same run: the
+best fp32 GEMM rate over the model's own weight shapes at B*G rows, and the weight-read
+bandwidth of a one-row product with the largest weight (the LM head); a decode step cannot
+take less than its matmul FLOPs at that rate, nor less than reading every weight once.
 
-    python scripts/bench_rollout.py --out results/bench_rollout.json
+    python scripts/bench_rollout.py --models qwen0.5b --shapes 4x8,8x8 \
+        --out results/bench_rollout_qwen0.5b.json
 """
 
 import argparse
@@ -22,9 +27,18 @@ from mlx_lm.sample_utils import make_sampler
 from rich.console import Console
 from rich.table import Table
 
+from mlx.utils import tree_flatten
+
 from mlx_tokenrl import backend
 from mlx_tokenrl.rollout import SamplingParams, generate_tokens
-from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
+from mlx_tokenrl.sampling import row_keys, sample_tokens
+from mlx_tokenrl.toy import SHAPE_135M, SHAPE_QWEN_0_5B, build_toy_model
+
+from before import module_at
+
+SHAPES = {"tiny": {}, "135m": SHAPE_135M, "qwen0.5b": SHAPE_QWEN_0_5B}
+BEFORE = "0daf49e"  # the last commit that sampled by Gumbel-max
+ROLLOUT_BEFORE = module_at(BEFORE, "mlx_tokenrl/rollout.py")
 
 QUESTIONS = [
     "what is 12 times 7 ? think step by step",
@@ -46,10 +60,15 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def ours(model, tokenizer, prompts, group, params):
-    produced, _ = generate_tokens(model, prompts, group, params,
-                                  set(tokenizer.eos_token_ids), seeds=range(len(prompts)))
+def ours(model, tokenizer, prompts, group, params, generate=generate_tokens):
+    produced, _ = generate(model, prompts, group, params, set(tokenizer.eos_token_ids),
+                           seeds=range(len(prompts)))
     return sum(len(t) for t in produced)
+
+
+def ours_before(model, tokenizer, prompts, group, params):
+    """Our rollout as it was at BEFORE (Gumbel-max sampling in MLX)."""
+    return ours(model, tokenizer, prompts, group, params, ROLLOUT_BEFORE.generate_tokens)
 
 
 def mlx_lm_batch(model, tokenizer, prompts, group, params):
@@ -62,7 +81,7 @@ def mlx_lm_batch(model, tokenizer, prompts, group, params):
     return sum(len(t) for t in response.token_ids)
 
 
-def ceiling(model, prompts, group, params):
+def forward_only(model, prompts, group, params):
     """Time only decode steps of a plain batched forward: the prefill is not part of it."""
     rows = len(prompts) * group
     cache = make_prompt_cache(model)
@@ -73,6 +92,62 @@ def ceiling(model, prompts, group, params):
     for _ in range(params.max_new_tokens):
         mx.eval(model(step, cache=cache))
     return rows * params.max_new_tokens, time.perf_counter() - start
+
+
+def best_time(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _, seconds = timed(fn)
+        best = min(best, seconds)
+    return best
+
+
+def weight_shapes(model):
+    """(out, in) of every weight a decode step multiplies by, with its count: each layer's
+    matrices, and the output head (the embedding matrix when tied)."""
+    counts = {}
+    for name, weight in tree_flatten(model.parameters()):
+        if weight.ndim == 2 and "embed_tokens" not in name:
+            counts[weight.shape] = counts.get(weight.shape, 0) + 1
+    if model.args.tie_word_embeddings:
+        head = model.model.embed_tokens.weight.shape
+        counts[head] = counts.get(head, 0) + 1
+    return counts
+
+
+def physical_limit(model, rows: int, context: int) -> dict:
+    """Seconds per decode step at `rows` rows and an average `context` length, from a GEMM
+    probe and a bandwidth probe run now, with what each gives."""
+    shapes = weight_shapes(model)
+    args = model.args
+    head_dim = args.hidden_size // args.num_attention_heads
+    attention_flops = (4 * rows * context * args.num_attention_heads * head_dim
+                       * args.num_hidden_layers)
+    matmul_flops = sum(2 * rows * o * i * n for (o, i), n in shapes.items())
+    weight_bytes = sum(4 * o * i * n for (o, i), n in shapes.items())
+    rates = []
+    for out_dim, in_dim in shapes:
+        x, w = mx.random.normal((rows, in_dim)), mx.random.normal((in_dim, out_dim))
+        mx.eval(x, w)
+        rates.append(2 * rows * in_dim * out_dim / best_time(lambda: mx.eval(x @ w)))
+    out_dim, in_dim = max(shapes, key=lambda s: s[0] * s[1])
+    x, w = mx.random.normal((1, in_dim)), mx.random.normal((in_dim, out_dim))
+    mx.eval(x, w)
+    bandwidth = 4 * in_dim * out_dim / best_time(lambda: mx.eval(x @ w))
+    compute_s = (matmul_flops + attention_flops) / max(rates)
+    read_s = weight_bytes / bandwidth
+    return {"gemm_gflops": max(rates) / 1e9, "read_gb_s": bandwidth / 1e9,
+            "compute_ms": compute_s * 1e3, "read_ms": read_s * 1e3,
+            "limit_tok_s": rows / max(compute_s, read_s)}
+
+
+def sampling_ms(vocab: int, rows: int, temperature: float) -> float:
+    """One step of our sampler on (rows, vocab) logits."""
+    logits = mx.random.normal((rows, vocab)) * 3
+    keys = row_keys(range(rows), 1)
+    mx.eval(logits, keys)
+    return 1e3 * best_time(lambda: mx.eval(sample_tokens(logits, keys, temperature)))
 
 
 def bench_model(name, path, shapes, params, repeats, console):
@@ -86,17 +161,25 @@ def bench_model(name, path, shapes, params, repeats, console):
     for shape in shapes:
         batch, group = (int(x) for x in shape.split("x"))
         prompts = prompt_tokens[:batch]
-        row = {"model": name, "shape": shape, "sequences": batch * group}
+        sequences = batch * group
+        row = {"model": name, "shape": shape, "sequences": sequences}
         # Columns interleaved, best of `repeats`: a shared machine's noise hits all alike.
         for _ in range(repeats):
-            for column, fn in (("ours", ours), ("batch_generate", mlx_lm_batch)):
+            for column, fn in (("ours", ours), ("ours_before", ours_before),
+                               ("batch_generate", mlx_lm_batch)):
                 tokens, seconds = timed(lambda: fn(model, tokenizer, prompts, group, params))
                 best = max(row.get(f"{column}_tok_s", 0.0), tokens / seconds)
                 row[f"{column}_tok_s"], row[f"{column}_tokens"] = best, tokens
-            tokens, seconds = ceiling(model, prompts, group, params)
-            row["ceiling_tok_s"] = max(row.get("ceiling_tok_s", 0.0), tokens / seconds)
-        row["ours_vs_ceiling"] = row["ours_tok_s"] / row["ceiling_tok_s"]
+            tokens, seconds = forward_only(model, prompts, group, params)
+            row["forward_tok_s"] = max(row.get("forward_tok_s", 0.0), tokens / seconds)
+        context = (sum(len(p) for p in prompts) / batch) + params.max_new_tokens / 2
+        row.update(physical_limit(model, sequences, int(context)))
+        row["sampling_ms"] = sampling_ms(model.args.vocab_size, sequences, params.temperature)
+        row["forward_ms"] = 1e3 * sequences / row["forward_tok_s"]
+        row["ours_vs_limit"] = row["ours_tok_s"] / row["limit_tok_s"]
+        row["ours_vs_forward"] = row["ours_tok_s"] / row["forward_tok_s"]
         row["ours_vs_batch_generate"] = row["ours_tok_s"] / row["batch_generate_tok_s"]
+        row["ours_vs_before"] = row["ours_tok_s"] / row["ours_before_tok_s"]
         console.print(row)
         rows.append(row)
     return rows
@@ -104,38 +187,47 @@ def bench_model(name, path, shapes, params, repeats, console):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny,135m")
+    parser.add_argument("--models", default="tiny,135m", help=", ".join(SHAPES))
     parser.add_argument("--shapes", default="1x8,2x8,4x8,8x8")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--repeats", type=int, default=2, help="best of N per column")
     parser.add_argument("--out", default="results/bench_rollout.json")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=200)
     params = SamplingParams(args.temperature, 1.0, args.max_new_tokens)
     shapes = args.shapes.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            overrides = SHAPE_135M if name == "135m" else {}
-            path = build_toy_model(Path(tmp) / name, **overrides)
+            path = build_toy_model(Path(tmp) / name, **SHAPES[name])
             rows += bench_model(name, path, shapes, params, args.repeats, console)
 
-    table = Table(title=f"Rollout tokens/s ({args.max_new_tokens} new tokens, "
-                        f"T={args.temperature}, OpenBLAS={'yes' if backend.openblas_path else 'no'})")
-    for col in ("model", "B x G", "ours", "batch_generate", "ceiling", "ours/ceiling",
-                "ours/batch_generate"):
+    title = (f"Rollout tokens/s ({args.max_new_tokens} new tokens, T={args.temperature}, "
+             f"OpenBLAS={'yes' if backend.openblas_path else 'no'}, MLX {mx.__version__})")
+    header = ["model", "B x G", "ours", f"ours at {BEFORE}", "batch_generate", "forward only",
+              "limit", "ours/limit", "ours/forward", "ours/batch_generate", "forward ms/step",
+              "sampling ms/step", "GEMM GFLOP/s", "read GB/s"]
+    cells = [[r["model"], r["shape"], f"{r['ours_tok_s']:.0f}", f"{r['ours_before_tok_s']:.0f}",
+              f"{r['batch_generate_tok_s']:.0f}",
+              f"{r['forward_tok_s']:.0f}", f"{r['limit_tok_s']:.0f}", f"{r['ours_vs_limit']:.2f}",
+              f"{r['ours_vs_forward']:.2f}", f"{r['ours_vs_batch_generate']:.2f}",
+              f"{r['forward_ms']:.0f}", f"{r['sampling_ms']:.1f}", f"{r['gemm_gflops']:.0f}",
+              f"{r['read_gb_s']:.1f}"] for r in rows]
+    table = Table(title=title)
+    for col in header:
         table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["model"], r["shape"], f"{r['ours_tok_s']:.0f}",
-                      f"{r['batch_generate_tok_s']:.0f}", f"{r['ceiling_tok_s']:.0f}",
-                      f"{r['ours_vs_ceiling']:.2f}", f"{r['ours_vs_batch_generate']:.2f}")
+    for line in cells:
+        table.add_row(*line)
     console.print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "openblas": backend.openblas_path,
                                "mlx": mx.__version__, "rows": rows}, indent=2))
-    console.print(f"wrote {out}")
+    markdown = [f"{title}\n", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    markdown += ["| " + " | ".join(line) + " |" for line in cells]
+    out.with_suffix(".md").write_text("\n".join(markdown) + "\n")
+    console.print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ Each step's rows are computed both ways, in alternating order; the first step co
 import argparse
 import hashlib
 import json
-import subprocess
 import tempfile
 import time
-import types
 from pathlib import Path
 from unittest.mock import patch
 
@@ -36,6 +34,8 @@ from mlx_tokenrl import loss as loss_module
 from mlx_tokenrl.models import add_lora, load_model, lora_config
 from mlx_tokenrl.tasks import Example, Task, load_task
 from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
+
+from before import module_at
 
 BEFORE = "a2e7e9a"  # the last commit whose loss ran every row's whole context
 WORDS = ("what is times plus minus has had how many apples more less each total the a of and "
@@ -57,18 +57,6 @@ def questions_of_length(tokenizer, task, count, low, high, seed=0):
             words.append(str(rng.choice(WORDS)) if rng.random() < 0.8 else str(rng.integers(100)))
         out.append(" ".join(words))
     return out
-
-
-def loss_before():
-    """mlx_tokenrl/loss.py as it was at BEFORE (every row ran its whole context), loaded from
-    git as a module of its own beside today's."""
-    source = subprocess.run(["git", "-C", str(Path(__file__).parent), "show",
-                             f"{BEFORE}:mlx_tokenrl/loss.py"],
-                            capture_output=True, text=True, check=True).stdout
-    module = types.ModuleType("mlx_tokenrl.loss_before")
-    module.__package__ = "mlx_tokenrl"  # its relative imports are the package's own modules
-    exec(compile(source, f"{BEFORE}:mlx_tokenrl/loss.py", "exec"), module.__dict__)
-    return module
 
 
 def shareable_prefix_tokens(loss_rows, triples):
@@ -193,7 +181,7 @@ def main():
     parser.add_argument("--out", default="results/bench_step.json")
     args = parser.parse_args()
     console = Console()
-    before = loss_before()
+    before = module_at(BEFORE, "mlx_tokenrl/loss.py")  # every row ran its whole context
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build_toy_model(Path(tmp) / "m135", **SHAPE_135M)

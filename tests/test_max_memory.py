@@ -158,9 +158,9 @@ def test_default_budget_is_a_share_of_the_machine():
 
 
 def test_each_phase_starts_with_no_freed_buffers_kept(model_dir, tmp_path, monkeypatch):
-    """MLX keeps freed buffers for reuse. Kept across phases they add the rollout's buffers to
-    the loss's peak in resident memory (a 0.5B run: 7.4 GB peak, 13.8 GB resident, killed when
-    two ran at once), so every rollout, loss and evaluation starts with none kept."""
+    """MLX keeps freed buffers for reuse (on Metal up to its memory limit). Kept across
+    phases, the rollout's would sit beside the loss's peak, so every rollout, loss and
+    evaluation starts with none kept."""
     kept = {}
     originals = {name: getattr(trainer, name) for name in
                  ("rollout_and_select", "loss_and_grads", "run_eval", "evaluate")}

@@ -6,9 +6,11 @@
 # took ~3 min on this CPU); temperature 0.6 (default). Arms: T-SPMO (the paper's method) at
 # lr 1e-5 and 2e-5 (2e-5 was best on SmolLM2; a larger model usually wants less).
 # The two arms train at once as two processes on the same --out, each with one BLAS thread
-# (session 4 ran lr 1e-5 alone, also at one thread, to step 4); the last command only scores
-# nothing new and writes the table and plot over both. Checkpoints every step: a step costs
-# minutes. Continue with: bash command.sh --resume
+# and --max-memory 5 (GB: the default budget, 75% of RAM, is for one process; two such arms
+# were OOM-killed on this 23 GB machine); session 4 ran lr 1e-5 alone, at one thread and the
+# default budget, to step 4. --max-memory changes how the loss is chunked, not what it
+# computes. The last command scores nothing new: it writes the table and plot over both.
+# Checkpoints every step: a step costs minutes. Continue with: bash command.sh --resume
 set -e
 mkdir -p /work/runs/svamp-calib-data
 python3 -c "
@@ -21,7 +23,7 @@ calibrate() {
   OPENBLAS_NUM_THREADS=1 .venv/bin/tokenrl-mlx compare svamp --data /work/runs/svamp-calib-data \
     --model /work/models/qwen2.5-coder-0.5b --steps 15 --prompts-per-step 4 --group-size 8 \
     --max-new-tokens 300 --temperature 0.6 --eval-every 5 --eval-limit 100 --save-every 1 \
-    --seed 0 --out /work/runs/calib-svamp-qwen "$@"
+    --max-memory 5 --seed 0 --out /work/runs/calib-svamp-qwen "$@"
 }
 calibrate --algos t-spmo:lr=1e-5 "$@" > /work/runs/calib-svamp-qwen.lr1e-5.log 2>&1 &
 calibrate --algos t-spmo:lr=2e-5 "$@" > /work/runs/calib-svamp-qwen.lr2e-5.log 2>&1 &
