@@ -15,6 +15,7 @@ take less than its matmul FLOPs at that rate, nor less than reading every weight
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -224,7 +225,9 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "openblas": backend.openblas_path,
                                "mlx": mx.__version__, "rows": rows}, indent=2))
-    markdown = [f"{title}\n", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    command = " ".join(["python", *sys.argv])
+    markdown = [f"{title}\n", f"`{command}`\n", "| " + " | ".join(header) + " |",
+                "|---" * len(header) + "|"]
     markdown += ["| " + " | ".join(line) + " |" for line in cells]
     out.with_suffix(".md").write_text("\n".join(markdown) + "\n")
     console.print(f"wrote {out} and {out.with_suffix('.md')}")
