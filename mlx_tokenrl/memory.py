@@ -21,6 +21,7 @@ from .rollout import encode_prompts
 DEFAULT_SHARE = 0.75  # of the machine's memory (Metal: its recommended working set)
 LENGTH_BUCKET = 64  # probed lengths are rounded up to this, so few lengths are probed
 MAX_ROWS = 32  # past this, bigger microbatches buy little and compile more shapes
+HEADROOM = 1.5  # a step needing a new plan has it probed at this much longer rows
 
 
 def machine_memory_bytes() -> int:
@@ -52,12 +53,11 @@ def _bucket(n: int) -> int:
 
 
 def step_shape(loss_rows, triples) -> RowShape:
-    """The step's longest context and crop, rounded up to the probing bucket."""
+    """The step's longest context and crop."""
     crop = {}
     for row, pos, _ in triples:
         crop[row] = max(crop.get(row, 0), pos)
-    return RowShape(_bucket(max(len(loss_rows[row].context) for row in crop)),
-                    _bucket(max(crop.values())))
+    return RowShape(max(len(loss_rows[row].context) for row in crop), max(crop.values()))
 
 
 def probe_batch(shape: RowShape, rows: int):
@@ -119,8 +119,12 @@ def planned_rows(loss_and_grad, loss_rows, triples, budget: int) -> int:
     fits = [plan.rows for probed, plan in plans.items()
             if probed.covers(shape) and plan.peak - plan.held + held <= budget]
     if not fits:
-        plans[shape] = fitting_plan(loss_and_grad, shape, budget)
-        fits = [plans[shape].rows]
+        # Probed with headroom: each probe is a loss+grad of its own (~100 s on the 0.5B,
+        # 3-5x a T-SPMO step's loss), and rows grow a little over the first steps.
+        probed = RowShape(_bucket(int(shape.context * HEADROOM)),
+                          _bucket(int(shape.crop * HEADROOM)))
+        plans[probed] = fitting_plan(loss_and_grad, probed, budget)
+        fits = [plans[probed].rows]
     return max(fits)
 
 
