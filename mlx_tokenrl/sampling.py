@@ -17,6 +17,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import apply_top_p
 
+# Running sums are taken per block of this many tokens, then across blocks: few blocks
+# remain (149 for Qwen), and one block is short to scan.
+SEARCH_BLOCK = 1024
+
 
 def row_keys(seeds, group_size: int) -> mx.array:
     """One PRNG key per completion, (len(seeds) * group_size, 2), prompt-major."""
@@ -25,8 +29,6 @@ def row_keys(seeds, group_size: int) -> mx.array:
 
 
 advance_keys = mx.vmap(lambda k: mx.random.split(k)[0])
-# The numpy draw's block: long enough that few blocks remain, short enough to scan fast.
-SEARCH_BLOCK = 1024
 _uniform_per_row = mx.vmap(lambda k: mx.random.uniform(key=k))
 
 
@@ -45,6 +47,7 @@ def sample_tokens(logits: mx.array, keys: mx.array, temperature: float,
 
 
 def inverse_cdf(scaled: mx.array, uniforms: mx.array) -> mx.array:
+    """The token of each row of (rows, vocab) tempered logits at its uniform, in MLX."""
     rows, vocab = scaled.shape
     weights = mx.exp(scaled - scaled.max(axis=-1, keepdims=True))
     blocks = mx.pad(weights, [(0, 0), (0, -vocab % SEARCH_BLOCK)]).reshape(rows, -1, SEARCH_BLOCK)
