@@ -108,7 +108,7 @@ def fitting_plan(loss_and_grad, shape: RowShape, budget: int) -> Plan:
     return Plan(rows, peak, held)
 
 
-def planned_rows(loss_and_grad, loss_rows, triples, budget: int) -> int:
+def planned_rows(loss_and_grad, loss_rows, triples, budget: int, max_new_tokens: int) -> int:
     """Microbatch rows for a step, from the plans of this `loss_and_grad` (kept on it, as
     `memory_plans`, since its compiled graphs are what was measured): the most rows of any
     plan whose shape covers the step's and whose peak, with what is held now, still fits;
@@ -119,11 +119,16 @@ def planned_rows(loss_and_grad, loss_rows, triples, budget: int) -> int:
     fits = [plan.rows for probed, plan in plans.items()
             if probed.covers(shape) and plan.peak - plan.held + held <= budget]
     if not fits:
-        # Probed with headroom: each probe is a loss+grad of its own (~100 s on the 0.5B,
-        # 3-5x a T-SPMO step's loss), and rows grow a little over the first steps.
-        probed = RowShape(_bucket(int(shape.context * HEADROOM)),
-                          _bucket(int(shape.crop * HEADROOM)))
-        plans[probed] = fitting_plan(loss_and_grad, probed, budget)
+        # Probed with headroom, since each probe is a loss+grad of its own (~100 s on the
+        # 0.5B, 3-5x a T-SPMO step's loss) and rows grow over the first steps; a crop never
+        # past --max-new-tokens. When not even one row fits with the headroom, the step's
+        # own lengths are probed instead (that plan would be refused at every later step).
+        roomy = RowShape(_bucket(int(shape.context * HEADROOM)),
+                         min(_bucket(int(shape.crop * HEADROOM)), _bucket(max_new_tokens)))
+        for probed in (roomy, RowShape(_bucket(shape.context), _bucket(shape.crop))):
+            plans[probed] = fitting_plan(loss_and_grad, probed, budget)
+            if plans[probed].peak <= budget:
+                break
         fits = [plans[probed].rows]
     return max(fits)
 

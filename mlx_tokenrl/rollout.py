@@ -160,7 +160,8 @@ def _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds, b
         last_step = step == longest - 1
         if not last_step:
             # Queue the next step before reading this one, so the host bookkeeping below
-            # overlaps with the model's compute.
+            # overlaps with the model's compute on a GPU (on the CPU the sampler reads the
+            # logits in numpy, so the step has run by now; the bookkeeping is microseconds).
             keys = advance_keys(keys)
             next_tokens = sample(model(tokens[:, None], cache=cache)[:, -1, :], keys)
             mx.async_eval(next_tokens)

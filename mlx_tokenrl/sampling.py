@@ -3,7 +3,8 @@
 Why not Gumbel-max (mlx-lm's `categorical` and our first sampler): it draws a uniform and
 takes two logs for every vocabulary entry, 151k per row per step for Qwen. On MLX's CPU
 backend, where the random bits and `mx.exp`/`mx.log` run an order of magnitude slower than
-numpy's, that noise cost 52 ms of a ~430 ms decode step of the 0.5B at 32 rows. The inverse
+numpy's, that noise cost 52 ms of a ~430 ms decode step of the 0.5B at 32 rows (two BLAS
+threads, quiet machine; scripts/bench_rollout.py now measures ours: 7 ms). The inverse
 CDF needs one uniform per row: the token is the first index where the running sum of
 exp((logit - max) / T) passes u times the total.
 
@@ -36,7 +37,7 @@ def sample_tokens(logits: mx.array, keys: mx.array, temperature: float,
                   top_p: float = 1.0) -> mx.array:
     """Sample one token per row of (rows, vocab) logits; greedy at temperature 0."""
     if temperature == 0:
-        return mx.argmax(logits, axis=-1)
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
     scaled = logits.astype(mx.float32) * (1.0 / temperature)
     if top_p < 1.0:
         scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), top_p)
@@ -52,10 +53,12 @@ def inverse_cdf(scaled: mx.array, uniforms: mx.array) -> mx.array:
     weights = mx.exp(scaled - scaled.max(axis=-1, keepdims=True))
     blocks = mx.pad(weights, [(0, 0), (0, -vocab % SEARCH_BLOCK)]).reshape(rows, -1, SEARCH_BLOCK)
     # The running sum in two levels, inside blocks and across them: float32 then rounds over
-    # a block's terms, not over all 151k (one long cumsum moved draws of flat rows).
-    block_sums = blocks.sum(axis=-1, keepdims=True)
-    before = mx.cumsum(block_sums, axis=1) - block_sums
-    totals = (before + mx.cumsum(blocks, axis=-1)).reshape(rows, -1)[:, :vocab]
+    # a block's terms, not over all 151k (one long cumsum moved draws of flat rows). Each
+    # block starts from the sum the blocks before it end on, so the total never steps down
+    # (a dip before a masked block would let the target land on a zero-weight token).
+    within = mx.cumsum(blocks, axis=-1)
+    before = mx.cumsum(within[..., -1:], axis=1, inclusive=False)
+    totals = (before + within).reshape(rows, -1)[:, :vocab]
     targets = uniforms[:, None] * totals[:, -1:]
     # u * total can round up to the total itself; the last index before the sum reaches its
     # total is then the last token with any weight.

@@ -11,7 +11,7 @@ def module_at(commit: str, path: str):
     relative imports are today's modules)."""
     source = subprocess.run(["git", "-C", str(Path(__file__).parent), "show", f"{commit}:{path}"],
                             capture_output=True, text=True, check=True).stdout
-    package, name = path.removesuffix(".py").rsplit("/", 1)
+    package, name = path.removesuffix(".py").replace("/", ".").rsplit(".", 1)
     module = types.ModuleType(f"{package}.{name}_at_{commit}")
     module.__package__ = package
     exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)

@@ -7,7 +7,9 @@ prompts (machines here are shared: compare ratios, not absolute numbers across r
 KV cache: no sampling, no bookkeeping. The limit comes from two probes in the same run: the
 best fp32 GEMM rate over the model's own weight shapes at B*G rows, and the weight-read
 bandwidth of a one-row product with the largest weight (the LM head); a decode step cannot
-take less than its matmul FLOPs at that rate, nor less than reading every weight once.
+take less than its matmul FLOPs at that rate, nor less than reading every weight once. It is a
+limit for decode steps at this BLAS thread count, at the average context (KV-cache reads, ~4%
+of the bytes at 32 rows, left out), while "ours" also includes the prefill: a generous limit.
 
     python scripts/bench_rollout.py --models qwen0.5b --shapes 4x8,8x8 \
         --out results/bench_rollout_qwen0.5b.json

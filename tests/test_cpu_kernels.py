@@ -25,12 +25,15 @@ def test_swiglu_matches_mlx_lms_within_1e5(spread):
     gate = (rng.standard_normal((8, 3, 4864)) * spread).astype(np.float32)
     gate[0, 0, :4] = [0.0, -0.0, 1e30, -1e30]
     x = rng.standard_normal((8, 3, 4864)).astype(np.float32)
+    gate[0, 1, 0] = np.nan  # stays NaN, as in mlx-lm's
     # silu in float64 by hand, the reference mlx-lm's float32 function meets too; under 1e-34
     # both underflow (gate below -87: e^-gate is past float32's range)
     g64 = gate.astype(np.float64)
     expected = g64 * x / (1 + np.exp(np.minimum(-g64, 700)))
     for candidate in (swiglu, activations.swiglu):
         got = np.asarray(candidate(mx.array(gate), mx.array(x)), dtype=np.float64)
+        assert np.isnan(got[0, 1, 0])
+        got[0, 1, 0] = expected[0, 1, 0] = 0
         assert np.all(np.abs(got - expected) <= 1e-5 * np.abs(expected) + 1e-34), candidate
 
 

@@ -3,6 +3,7 @@ measured peak, so the loss+grad peak that metrics.jsonl logs stays under the bud
 budget that not even one row fits stops the run at start, in one line."""
 
 import json
+from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
@@ -123,7 +124,8 @@ def test_rows_are_replanned_only_for_longer_rows(tiny_model_dir, monkeypatch):
 
     def rows_for(context, completion):
         rows = [LossRow([1] * context, [2] * completion)]
-        return memory.planned_rows(loss_and_grad, rows, [(0, completion - 1, 1.0)], int(60e6))
+        return memory.planned_rows(loss_and_grad, rows, [(0, completion - 1, 1.0)], int(60e6),
+                                   max_new_tokens=256)
 
     assert rows_for(30, 40) >= 4
     assert set(probed) == {memory.RowShape(64, 64)}  # 1.5x the step's, rounded up to 64
@@ -132,6 +134,30 @@ def test_rows_are_replanned_only_for_longer_rows(tiny_model_dir, monkeypatch):
     assert memory.RowShape(192, 192) in probed
     assert rows_for(150, 140) == long_rows and len(set(probed)) == 2  # the headroom covers it
     assert 1 <= long_rows <= rows_for(30, 40)
+
+
+def test_a_plan_is_probed_once_even_when_the_headroom_does_not_fit(monkeypatch):
+    """A step near the longest rows a run can hold: the crop's headroom stops at
+    --max-new-tokens, and when one row with headroom is over the budget, the step's own
+    lengths are probed, so later steps of that length reuse the plan (a refused plan would be
+    probed again at every step, ~100 s each on the 0.5B)."""
+    held = 1000
+    probes = []
+
+    def cost(loss_and_grad, shape, rows):  # grows with every dimension
+        probes.append((shape, rows))
+        return held + rows * shape.context * shape.crop // 64
+
+    monkeypatch.setattr(memory, "probe_peak", cost)
+    monkeypatch.setattr(memory.mx, "get_active_memory", lambda: held)
+    budget = held + 128 * 128 // 64  # one row of 128 x 128 fits, one of 192 x 128 does not
+    rows, loss_and_grad = [LossRow([1] * 100, [2] * 128)], SimpleNamespace()  # keeps the plans
+    for _ in range(3):
+        assert memory.planned_rows(loss_and_grad, rows, [(0, 127, 1.0)], budget,
+                                   max_new_tokens=128) == 1
+    shapes = {shape for shape, _ in probes}
+    assert shapes == {memory.RowShape(192, 128), memory.RowShape(128, 128)}
+    assert len(probes) == 2  # one row each, once
 
 
 def test_a_guess_that_does_not_fit_is_halved_until_it_does(monkeypatch):

@@ -63,12 +63,14 @@ def test_every_row_draws_with_its_own_key(on_device):
     assert len(set(np.asarray(sample_tokens(logits, keys, 1.0)).tolist())) > 4
 
 
-@pytest.mark.parametrize("spread", [0.1, 1.0, 4.0, 10.0])  # flat to peaked rows
-def test_both_implementations_pick_the_token_a_float64_inverse_cdf_picks(spread):
+# Flat to peaked rows; an offset of 1e4 is what real logits at a low temperature give
+# (exp overflows without the max taken out first).
+@pytest.mark.parametrize("spread, offset", [(0.1, 0), (1.0, 0), (4.0, 0), (10.0, 0), (4.0, 1e4)])
+def test_both_implementations_pick_the_token_a_float64_inverse_cdf_picks(spread, offset):
     """Same uniforms, a 151k vocabulary: every row lands where an exact running sum puts it
     (a single float32 cumsum over the vocabulary moved a third of the flat rows)."""
     rng = np.random.default_rng(0)
-    scaled = (rng.standard_normal((64, 151_936)) * spread).astype(np.float32)
+    scaled = (rng.standard_normal((64, 151_936)) * spread + offset).astype(np.float32)
     uniforms = rng.random(64).astype(np.float32)
     running = np.cumsum(np.exp(scaled.astype(np.float64) - scaled.max(-1, keepdims=True)), -1)
     expected = [np.searchsorted(r, u * r[-1], side="right") for r, u in zip(running, uniforms)]
@@ -96,3 +98,21 @@ def test_edges_of_the_uniform_land_on_tokens_with_weight(implementation):
 def test_temperature_zero_is_argmax():
     logits = mx.array([[0.1, 3.0, -1.0], [5.0, 4.9, 0.0]])
     assert sample_tokens(logits, mx.random.split(mx.random.key(0), 2), 0).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("implementation", ["numpy", "mlx"])
+def test_masked_blocks_are_never_drawn_even_at_their_edges(implementation):
+    """Whole blocks of zero weight (top-p, -inf) between weighted ones: uniforms right at a
+    block's end must still land on weighted tokens."""
+    block = sampling.SEARCH_BLOCK
+    row = np.full(5 * block, -np.inf, dtype=np.float32)
+    row[:block] = 0.0  # block 0 weighted, blocks 1-3 masked, block 4 weighted
+    row[4 * block:] = 0.0
+    edges = np.array([0.5 - 1e-7, 0.5, 0.5 + 1e-7, np.nextafter(np.float32(1), 0)],
+                     dtype=np.float32)
+    scaled = np.stack([row] * len(edges))
+    if implementation == "numpy":
+        tokens = inverse_cdf_numpy(scaled, edges)
+    else:
+        tokens = np.asarray(inverse_cdf(mx.array(scaled), mx.array(edges)))
+    assert all(np.isfinite(row[t]) for t in tokens), tokens
