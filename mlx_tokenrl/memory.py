@@ -125,7 +125,8 @@ def planned_rows(loss_and_grad, loss_rows, triples, budget: int, max_new_tokens:
         # own lengths are probed instead (that plan would be refused at every later step).
         roomy = RowShape(_bucket(int(shape.context * HEADROOM)),
                          min(_bucket(int(shape.crop * HEADROOM)), _bucket(max_new_tokens)))
-        for probed in (roomy, RowShape(_bucket(shape.context), _bucket(shape.crop))):
+        own = RowShape(_bucket(shape.context), _bucket(shape.crop))
+        for probed in dict.fromkeys((roomy, own)):  # once when the headroom adds no bucket
             plans[probed] = fitting_plan(loss_and_grad, probed, budget)
             if plans[probed].peak <= budget:
                 break

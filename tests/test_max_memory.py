@@ -158,6 +158,10 @@ def test_a_plan_is_probed_once_even_when_the_headroom_does_not_fit(monkeypatch):
     shapes = {shape for shape, _ in probes}
     assert shapes == {memory.RowShape(192, 128), memory.RowShape(128, 128)}
     assert len(probes) == 2  # one row each, once
+    probes.clear()  # short rows whose headroom stays in their bucket, over the budget
+    short = [LossRow([1] * 30, [2] * 20)]
+    memory.planned_rows(SimpleNamespace(), short, [(0, 19, 1.0)], held, max_new_tokens=128)
+    assert probes == [(memory.RowShape(64, 64), 1)]
 
 
 def test_a_guess_that_does_not_fit_is_halved_until_it_does(monkeypatch):
