@@ -75,20 +75,37 @@ def shareable_prefix_tokens(loss_rows, triples):
 
 
 def measure(model, variant, cfg, rows, triples, totals):
-    """The trainer's loss+grad of a step, with `variant`'s microbatches and compiled step."""
+    """The trainer's loss+grad of a step, with `variant`'s microbatches and compiled step:
+    its time, its peak, and what the loss added to the memory held before it (weights,
+    LoRA and optimizer state: the activations, gradients and the graph's temporaries);
+    token positions run through the model, padding included (what costs), in all and in
+    the largest microbatch (what sets the peak)."""
     make_microbatches, loss_and_grad = variant
+    batches = []
+
+    def recorded(*args):
+        batches.extend(make_microbatches(*args))
+        return batches
+
+    mx.clear_cache()
+    held = mx.get_active_memory()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    with patch.object(trainer, "make_microbatches", make_microbatches):
+    with patch.object(trainer, "make_microbatches", recorded):
         value, _ = trainer.loss_and_grads(model, loss_and_grad, cfg, rows, triples, totals)
-    return {"loss_s": time.perf_counter() - start, "peak_gb": mx.get_peak_memory() / 1e9,
-            "loss": float(value)}
+    took = time.perf_counter() - start
+    # The per-row loss's microbatches have no contexts: each row holds its own.
+    run = [b.inputs.size + (b.contexts.size if hasattr(b, "contexts") else 0) for b in batches]
+    return {"loss_s": took, "peak_gb": mx.get_peak_memory() / 1e9,
+            "activation_gb": (mx.get_peak_memory() - held) / 1e9, "loss": float(value),
+            "positions_run": sum(run), "largest_microbatch_positions": max(run)}
 
 
-def bench_algo(cfg, task, steps, model, tokenizer, before):
-    variants = {name: (loss.make_microbatches,
-                       loss.make_loss_and_grad(model, cfg.beta, cfg.compile))
-                for name, loss in (("shared", loss_module), ("per_row", before))}
+def bench_algo(cfg, task, steps, model, tokenizer, before, names):
+    modules = {"shared": loss_module, "per_row": before}
+    variants = {name: (modules[name].make_microbatches,
+                       modules[name].make_loss_and_grad(model, cfg.beta, cfg.compile))
+                for name in names}
     measured = {name: [] for name in variants}
     rollout_s, selected, prompt_tokens, shareable = [], [], [], []
     for step in range(steps + 1):  # step 0 compiles and warms up
@@ -100,11 +117,12 @@ def bench_algo(cfg, task, steps, model, tokenizer, before):
         took = time.perf_counter() - start
         totals = trainer.StepTotals(stats["completions"] + stats["replay_groups"] * cfg.group_size,
                                     stats["groups"] + stats["replay_groups"], len(triples))
-        order = ["per_row", "shared"] if step % 2 else ["shared", "per_row"]
+        order = list(reversed(names)) if step % 2 else list(names)
         results = {name: measure(model, variants[name], cfg, rows, triples, totals)
                    for name in order}
         # The same loss both ways (up to float rounding), or the comparison means nothing.
-        assert abs(results["shared"]["loss"] - results["per_row"]["loss"]) < 1e-4, results
+        losses = [r["loss"] for r in results.values()]
+        assert max(losses) - min(losses) < 1e-4, results
         if step == 0:
             continue
         rollout_s.append(took)
@@ -118,11 +136,23 @@ def bench_algo(cfg, task, steps, model, tokenizer, before):
            "mean_context_tokens": float(np.mean(prompt_tokens)),
            "shareable_completion_prefix_share": float(np.mean(shareable))}
     for name, runs in measured.items():
-        out[f"{name}_loss_s"] = float(np.mean([r["loss_s"] for r in runs]))
-        out[f"{name}_peak_gb"] = float(np.mean([r["peak_gb"] for r in runs]))
-    out["time_shared_vs_per_row"] = out["shared_loss_s"] / out["per_row_loss_s"]
-    out["memory_shared_vs_per_row"] = out["shared_peak_gb"] / out["per_row_peak_gb"]
+        for key in ("loss_s", "peak_gb", "activation_gb", "positions_run",
+                    "largest_microbatch_positions"):
+            out[f"{name}_{key}"] = float(np.mean([r[key] for r in runs]))
+    if len(names) == 2:
+        out["time_shared_vs_per_row"] = out["shared_loss_s"] / out["per_row_loss_s"]
+        out["memory_shared_vs_per_row"] = out["shared_peak_gb"] / out["per_row_peak_gb"]
     return out
+
+
+def versus_grpo(results):
+    """Each algorithm's shared-loss time and activation memory over GRPO's, same run."""
+    grpo = results.get("grpo")
+    if grpo is None:
+        return {}
+    return {algo: {"time": r["shared_loss_s"] / grpo["shared_loss_s"],
+                   "activation": r["shared_activation_gb"] / grpo["shared_activation_gb"]}
+            for algo, r in results.items()}
 
 
 def model_described(args) -> str:
@@ -132,40 +162,85 @@ def model_described(args) -> str:
             f"of {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens")
 
 
+def command_line(args) -> str:
+    flags = [f"--model {args.model}" if args.model else "",
+             f"--max-new-tokens {args.max_new_tokens}" if args.max_new_tokens != 128 else "",
+             f"--variants {args.variants}" if args.variants != "shared,per_row" else "",
+             f"--steps {args.steps}" if args.steps != 2 else "", f"--out {args.out}"]
+    return " ".join(["python scripts/bench_step.py"] + [f for f in flags if f])
+
+
+def algo_table(results):
+    """Header and rows: each algorithm's step with the trainer's (shared-context) loss."""
+    ratios = versus_grpo(results)
+    header = ["algo", "rollout s", "tokens in loss", "positions run", "largest microbatch",
+              "loss+grad s", "peak GB", "activation GB", "time vs GRPO", "activation vs GRPO"]
+    rows = []
+    for algo, r in results.items():
+        vs = ratios.get(algo)
+        rows.append([algo, f"{r['rollout_s']:.1f}", f"{r['selected_tokens']:.0f}",
+                     f"{r['shared_positions_run']:.0f}",
+                     f"{r['shared_largest_microbatch_positions']:.0f}",
+                     f"{r['shared_loss_s']:.2f}", f"{r['shared_peak_gb']:.2f}",
+                     f"{r['shared_activation_gb']:.2f}",
+                     f"{vs['time']:.2f}x" if vs else "", f"{vs['activation']:.2f}x" if vs else ""])
+    return header, rows
+
+
+def per_row_table(results):
+    """Header and rows: the trainer's loss against every row running its whole context."""
+    header = ["algo", "per-row loss+grad s", "shared loss+grad s", "time shared/per-row",
+              "per-row peak GB", "shared peak GB", "memory shared/per-row"]
+    rows = [[algo, f"{r['per_row_loss_s']:.2f}", f"{r['shared_loss_s']:.2f}",
+             f"{r['time_shared_vs_per_row']:.2f}x", f"{r['per_row_peak_gb']:.2f}",
+             f"{r['shared_peak_gb']:.2f}", f"{r['memory_shared_vs_per_row']:.2f}x"]
+            for algo, r in results.items() if "per_row_loss_s" in r]
+    return header, rows
+
+
+def markdown_table(header, rows) -> list:
+    return (["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def write_markdown(path: Path, args, results, weights_gb):
     lines = [
-        "# RL step cost per algorithm: shared vs per-row prompts in the loss", "",
-        f"`python scripts/bench_step.py{' --model ' + args.model if args.model else ''} "
-        f"--out {args.out}` (MLX {mx.__version__}, OpenBLAS, "
-        f"2-core Linux CPU, float32; the machine was busy with other runs, so times are noisy "
-        f"and the two variants alternate within each step): {model_described(args)}, "
-        f"B={args.prompts_per_step} prompts x G={args.group_size}, {args.max_new_tokens} new "
-        f"tokens, LoRA rank 8 on every linear "
+        "# RL step cost per algorithm", "",
+        f"`{command_line(args)}` (MLX {mx.__version__}, OpenBLAS, 2-core Linux CPU, float32; "
+        f"{args.conditions}): {model_described(args)}, B={args.prompts_per_step} prompts x "
+        f"G={args.group_size}, {args.max_new_tokens} new tokens, LoRA rank 8 on every linear "
         f"layer, default settings (microbatch 8 rows, S-GRPO alpha=4 k=24 P=0.75, T-SPMO with "
         f"2 replays); mean of {args.steps} steps after a warm-up step. Rewards are a fixed "
         f"pseudo-random 0/1 per completion text, so every group carries signal. Peak memory "
-        f"includes the model's {weights_gb:.2f} GB of float32 weights.", "",
-        "*shared*: each microbatch runs each group's context (prompt, or prompt + replayed "
-        "prefix) once and its rows read it through a KV cache (the trainer's loss). *per-row*: "
-        f"every row runs its whole context: the loss as it was at commit {BEFORE} (loaded from "
-        "git), in the same trainer loop. Both give the same loss (checked every step).", "",
-        "| algo | rollout s | tokens in loss | mean context tokens | per-row loss+grad s | "
-        "shared loss+grad s | time shared/per-row | per-row peak GB | shared peak GB | "
-        "memory shared/per-row |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for algo, r in results.items():
-        lines.append(
-            f"| {algo} | {r['rollout_s']:.1f} | {r['selected_tokens']:.0f} | "
-            f"{r['mean_context_tokens']:.0f} | {r['per_row_loss_s']:.2f} | "
-            f"{r['shared_loss_s']:.2f} | {r['time_shared_vs_per_row']:.2f}x | "
-            f"{r['per_row_peak_gb']:.2f} | {r['shared_peak_gb']:.2f} | "
-            f"{r['memory_shared_vs_per_row']:.2f}x |")
+        f"includes the model's {weights_gb:.2f} GB of float32 weights; *activation* is the "
+        f"loss+grad peak minus the memory held just before the loss (weights, LoRA, optimizer "
+        f"state). *Positions run*: token positions the loss's forward runs (contexts once per "
+        f"microbatch, then the cropped rows; padding included), in all and in the largest "
+        f"microbatch (which sets the peak).", ""]
+    lines += markdown_table(*algo_table(results))
+    header, rows = per_row_table(results)
+    if rows:
+        lines += ["", "*shared* (above): each microbatch runs each group's context (prompt, or "
+                  "prompt + replayed prefix) once and its rows read it through a KV cache. "
+                  f"*per-row*: every row runs its whole context: the loss as it was at commit "
+                  f"{BEFORE} (loaded from git), in the same trainer loop, alternating with the "
+                  "shared one. Both give the same loss (checked every step).", ""]
+        lines += markdown_table(header, rows)
     share = results.get("t-spmo", {}).get("shareable_completion_prefix_share")
     if share is not None:
         lines += ["", f"T-SPMO: completion tokens that rows of one context share beyond it "
                       f"(a prefix tree over the rows would run them once) are {share:.1%} of "
                       f"the tokens its shared loss runs."]
     path.write_text("\n".join(lines) + "\n")
+
+
+def print_table(console, title, header, rows):
+    table = Table(title=title)
+    for col in header:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def main():
@@ -176,12 +251,22 @@ def main():
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[100, 150])
     parser.add_argument("--algos", default=",".join(ALGOS))
+    parser.add_argument("--variants", default="shared,per_row",
+                        help="shared (the trainer's loss), and per_row to compare with every "
+                        "row running its whole context")
     parser.add_argument("--model", help="a real model instead of the random 135M one; its "
                         "prompts are then SVAMP's training questions (the bundled copy)")
+    parser.add_argument("--conditions", default="the machine was busy with other runs, so "
+                        "times are noisy; variants alternate within each step",
+                        help="how quiet the machine was, for the markdown")
     parser.add_argument("--out", default="results/bench_step.json")
     args = parser.parse_args()
+    names = args.variants.split(",")
+    if "shared" not in names or not set(names) <= {"shared", "per_row"}:
+        parser.error("--variants: shared, optionally with per_row")
     console = Console()
-    before = module_at(BEFORE, "mlx_tokenrl/loss.py")  # every row ran its whole context
+    # The loss as it was when every row ran its whole context.
+    before = module_at(BEFORE, "mlx_tokenrl/loss.py") if "per_row" in names else None
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build_toy_model(Path(tmp) / "m135", **SHAPE_135M)
@@ -198,26 +283,19 @@ def main():
                          questions_of_length(tokenizer, task, 32, *args.prompt_tokens))
             task.train = [Example(q, "0") for q in questions]
             weights_gb = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
-            results[algo] = bench_algo(cfg, task, args.steps, model, tokenizer, before)
+            results[algo] = bench_algo(cfg, task, args.steps, model, tokenizer, before, names)
             console.print(algo, results[algo])
             del model
 
-    table = Table(title=f"RL step: {model_described(args)}, B={args.prompts_per_step} "
-                        f"G={args.group_size}, {args.max_new_tokens} new tokens (mean of "
-                        f"{args.steps} steps; busy machine)")
-    for col in ("algo", "rollout s", "tokens in loss", "per-row loss+grad s",
-                "shared loss+grad s", "time", "per-row peak GB", "shared peak GB", "memory"):
-        table.add_column(col, justify="right")
-    for algo, r in results.items():
-        table.add_row(algo, f"{r['rollout_s']:.1f}", f"{r['selected_tokens']:.0f}",
-                      f"{r['per_row_loss_s']:.2f}", f"{r['shared_loss_s']:.2f}",
-                      f"{r['time_shared_vs_per_row']:.2f}x", f"{r['per_row_peak_gb']:.2f}",
-                      f"{r['shared_peak_gb']:.2f}", f"{r['memory_shared_vs_per_row']:.2f}x")
-    console.print(table)
+    title = (f"RL step: {model_described(args)}, B={args.prompts_per_step} G={args.group_size}, "
+             f"{args.max_new_tokens} new tokens (mean of {args.steps} steps)")
+    print_table(console, title, *algo_table(results))
+    if "per_row" in names:
+        print_table(console, "shared context vs per-row", *per_row_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "mlx": mx.__version__, "results": results},
-                              indent=2))
+    out.write_text(json.dumps({"args": vars(args), "mlx": mx.__version__, "results": results,
+                               "versus_grpo": versus_grpo(results)}, indent=2))
     write_markdown(out.with_suffix(".md"), args, results, weights_gb)
     console.print(f"wrote {out} and {out.with_suffix('.md')}")
 
