@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
-from .cpu_kernels import fast_swiglu
+from .cpu_kernels import cpu_kernels
 from .models import ModelLoadError, first_line, model_type
 from .sampling import advance_keys, row_keys, sample_tokens
 
@@ -129,7 +129,7 @@ def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParam
                     eos_ids, seeds, budgets=None):
     """Sample `group_size` completions per prompt; returns (tokens, truncated) per row.
     `budgets` caps each prompt's completions below `params.max_new_tokens`."""
-    with fast_swiglu(model):
+    with cpu_kernels(model):
         return _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds,
                                 budgets)
 

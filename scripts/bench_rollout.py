@@ -3,6 +3,8 @@ the bare decode-step forward vs the physical limit of this machine.
 
 For each B x G shape, every column is measured side by side in one run on the same model and
 prompts (machines here are shared: compare ratios, not absolute numbers across runs).
+"ours, mlx-lm's ops" is today's rollout without the CPU kernels (`cpu_kernels.py`: SwiGLU
+and attention from cheap ops), so the last column is what they buy.
 "forward only" is the model's forward for one decode step with B*G rows in a plain batched
 KV cache: no sampling, no bookkeeping. The limit comes from two probes in the same run: the
 best fp32 GEMM rate over the model's own weight shapes at B*G rows, and the weight-read
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import mlx_tokenrl  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
@@ -32,7 +35,7 @@ from rich.table import Table
 
 from mlx.utils import tree_flatten
 
-from mlx_tokenrl import backend
+from mlx_tokenrl import backend, cpu_kernels
 from mlx_tokenrl.rollout import SamplingParams, generate_tokens
 from mlx_tokenrl.sampling import row_keys, sample_tokens
 from mlx_tokenrl.toy import SHAPE_135M, SHAPE_QWEN_0_5B, build_toy_model
@@ -72,6 +75,12 @@ def ours(model, tokenizer, prompts, group, params, generate=generate_tokens):
 def ours_before(model, tokenizer, prompts, group, params):
     """Our rollout as it was at BEFORE (Gumbel-max sampling in MLX)."""
     return ours(model, tokenizer, prompts, group, params, ROLLOUT_BEFORE.generate_tokens)
+
+
+def ours_without_kernels(model, tokenizer, prompts, group, params):
+    """Today's rollout with mlx-lm's own SwiGLU and attention (no CPU kernel swapped in)."""
+    with patch.dict(cpu_kernels.SWAPS, clear=True):
+        return ours(model, tokenizer, prompts, group, params)
 
 
 def mlx_lm_batch(model, tokenizer, prompts, group, params):
@@ -169,6 +178,7 @@ def bench_model(name, path, shapes, params, repeats, console):
         # Columns interleaved, best of `repeats`: a shared machine's noise hits all alike.
         for _ in range(repeats):
             for column, fn in (("ours", ours), ("ours_before", ours_before),
+                               ("ours_without_kernels", ours_without_kernels),
                                ("batch_generate", mlx_lm_batch)):
                 tokens, seconds = timed(lambda: fn(model, tokenizer, prompts, group, params))
                 best = max(row.get(f"{column}_tok_s", 0.0), tokens / seconds)
@@ -183,6 +193,7 @@ def bench_model(name, path, shapes, params, repeats, console):
         row["ours_vs_forward"] = row["ours_tok_s"] / row["forward_tok_s"]
         row["ours_vs_batch_generate"] = row["ours_tok_s"] / row["batch_generate_tok_s"]
         row["ours_vs_before"] = row["ours_tok_s"] / row["ours_before_tok_s"]
+        row["kernels_gain"] = row["ours_tok_s"] / row["ours_without_kernels_tok_s"]
         console.print(row)
         rows.append(row)
     return rows
@@ -208,15 +219,17 @@ def main():
 
     title = (f"Rollout tokens/s ({args.max_new_tokens} new tokens, T={args.temperature}, "
              f"OpenBLAS={'yes' if backend.openblas_path else 'no'}, MLX {mx.__version__})")
-    header = ["model", "B x G", "ours", f"ours at {BEFORE}", "batch_generate", "forward only",
+    header = ["model", "B x G", "ours", f"ours at {BEFORE}", "ours, mlx-lm's ops",
+              "batch_generate", "forward only",
               "limit", "ours/limit", "ours/forward", "ours/batch_generate", "forward ms/step",
-              "sampling ms/step", "GEMM GFLOP/s", "read GB/s"]
+              "sampling ms/step", "GEMM GFLOP/s", "read GB/s", "kernels' gain"]
     cells = [[r["model"], r["shape"], f"{r['ours_tok_s']:.0f}", f"{r['ours_before_tok_s']:.0f}",
+              f"{r['ours_without_kernels_tok_s']:.0f}",
               f"{r['batch_generate_tok_s']:.0f}",
               f"{r['forward_tok_s']:.0f}", f"{r['limit_tok_s']:.0f}", f"{r['ours_vs_limit']:.2f}",
               f"{r['ours_vs_forward']:.2f}", f"{r['ours_vs_batch_generate']:.2f}",
               f"{r['forward_ms']:.0f}", f"{r['sampling_ms']:.1f}", f"{r['gemm_gflops']:.0f}",
-              f"{r['read_gb_s']:.1f}"] for r in rows]
+              f"{r['read_gb_s']:.1f}", f"{r['kernels_gain']:.2f}x"] for r in rows]
     table = Table(title=title)
     for col in header:
         table.add_column(col, justify="right")
