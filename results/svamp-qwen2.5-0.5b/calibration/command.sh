@@ -26,7 +26,7 @@ calibrate() {
     --max-new-tokens 300 --temperature 0.6 --eval-every 5 --eval-limit 100 --save-every 1 \
     --max-memory 5 --seed 0 --out /work/runs/calib-svamp-qwen "$@"
 }
-calibrate --algos t-spmo:lr=5e-6 "$@" > /work/runs/calib-svamp-qwen.lr5e-6.log 2>&1 &
-calibrate --algos t-spmo:lr=2e-6 "$@" > /work/runs/calib-svamp-qwen.lr2e-6.log 2>&1 &
+calibrate --algos t-spmo:lr=5e-6 "$@" >> /work/runs/calib-svamp-qwen.lr5e-6.log 2>&1 &
+calibrate --algos t-spmo:lr=2e-6 "$@" >> /work/runs/calib-svamp-qwen.lr2e-6.log 2>&1 &
 wait
 calibrate --algos t-spmo:lr=5e-6,t-spmo:lr=2e-6 --resume

@@ -1,0 +1,43 @@
+# Issue 14, deliverable 3 (started session 6, 2026-11-26): GRPO vs S-GRPO vs T-SPMO (and T-SPMO
+# with more replay) on SVAMP train -> test, Qwen2.5-Coder-0.5B-Instruct (fp32, LoRA r8 scale 20).
+#
+# Every arm: seed 0, the same data order, B=4 prompts x G=8 completions a step, 300 new tokens,
+# temperature 0.6, lr 5e-6 (warmup 5 steps, cosine to lr/10), 20 steps; held-out
+# accuracy every 5 steps on the first 100 test problems, and on all 300 at the end (greedy).
+# Why these (calibration/, on a held-out slice of *train*, nothing tuned on test):
+#   300 tokens: 5.3% of the base's greedy answers longer (base/truncation.json).
+#   B=4 x G=8: a step is 5-9 min here; 75% of groups carried signal at the base.
+#   lr: 1e-5 and 2e-5 broke the answer format within 5-7 steps (calibration/t-spmo_lr=1e-5);
+#       5e-6 and 2e-6 kept it (95-97%) and were even at step 10 (51% vs the base 49%, n=100);
+#       5e-6 led at step 5 (53% vs 46%): the larger of the two safe ones (calibration/STATUS).
+#   20 steps: what ~2.5 h of training per arm buys on this CPU; 80 of the 700 train problems.
+# Conditions: two arms at a time, each its own process with one BLAS thread (2-core CPU), and a
+# fixed loss microbatch of 2 rows for every arm, so step times compare (the --max-memory
+# planner would probe new shapes inside some steps and add minutes to them).
+# The first arm to start scores the base model (all 300) before it trains; the other waits for
+# that and comes in with --resume, which starts an arm without a checkpoint from step 0.
+# Each arm checkpoints every step: `bash command.sh pair1 --resume` continues both (after any
+# stop); `bash command.sh table` writes the table and plot over every finished arm.
+set -e
+cd /work/main
+arm() {
+  OPENBLAS_NUM_THREADS=1 .venv/bin/tokenrl-mlx compare svamp --data ../shared/data/svamp \
+    --model /work/models/qwen2.5-coder-0.5b --steps 20 --prompts-per-step 4 --group-size 8 \
+    --max-new-tokens 300 --temperature 0.6 --lr 5e-6 --eval-every 5 --eval-limit 100 \
+    --final-eval-limit 300 --microbatch-rows 2 --save-every 1 --seed 0 \
+    --out /work/runs/svamp-qwen-compare "$@"
+}
+base_scored() {
+  until [ -f /work/runs/svamp-qwen-compare/base/final_eval.json ]; do sleep 60; done
+}
+case "${1:-}" in
+  pair1) shift; arm --algos t-spmo "$@" >> /work/runs/svamp-qwen-compare.t-spmo.log 2>&1 &
+         base_scored; arm --algos grpo --resume >> /work/runs/svamp-qwen-compare.grpo.log 2>&1 &
+         wait ;;
+  pair2) shift; base_scored
+         arm --algos s-grpo --resume >> /work/runs/svamp-qwen-compare.s-grpo.log 2>&1 &
+         arm --algos t-spmo:tspmo-replay=6 --resume >> /work/runs/svamp-qwen-compare.replay6.log 2>&1 &
+         wait ;;
+  table) shift; arm --algos grpo,s-grpo,t-spmo,t-spmo:tspmo-replay=6 --resume "$@" ;;
+  *) echo "usage: bash command.sh pair1|pair2|table [--resume]"; exit 2 ;;
+esac
