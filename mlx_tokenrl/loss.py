@@ -10,8 +10,12 @@ A group's rows share their context (the prompt, plus a replayed prefix): each mi
 runs each of its contexts once, and its rows attend to the context's keys and values
 through mlx-lm's batched KV cache, inside the differentiated function, so the gradient of
 every row reaches the context's LoRA weights (summed over the rows).
-Shapes are bucketed (widths to a multiple of 16, rows and selections to a power of two)
-so the compiled step is reused across steps.
+Contexts (and rows) of very different lengths run in separate passes, each padded only to
+its own width, so one long replay context does not pad every other context of its
+microbatch to its length: padding runs through every layer like a real token, while the
+caches are joined afterwards for the price of their keys and values alone. Shapes are
+bucketed (widths to a multiple of 16, selections to a power of two) so compiled steps are
+reused across steps.
 """
 
 import contextlib
@@ -30,6 +34,9 @@ from .rollout import batch_cache
 
 WIDTH_BUCKET = 16
 MIN_SELECTIONS = 32
+# A sequence joins a pass (of longest-first sequences) while its length is at least this share
+# of the pass's width: each pass wastes at most a quarter of its positions on padding.
+PASS_FILL = 0.75
 
 
 @dataclass
@@ -41,13 +48,15 @@ class LossRow:
 
 @dataclass
 class MicroBatch:
-    """One loss call: C contexts, each run once, and R rows that continue them."""
-    contexts: mx.array  # (C, Wc) int32, left-padded: every context ends at column Wc - 1
-    context_padding: mx.array  # (C,) int32, the padding columns before each context
-    inputs: mx.array  # (R, Wr) int32, right-padded: each row's completion, cropped
-    row_context: mx.array  # (R,) int32, the context each row continues
-    picks: mx.array  # (S,) where, in the flattened hidden states of the contexts then the
-    #                  rows, is the state that predicts each selected token
+    """One loss call: contexts, each run once, and rows that continue them, each in passes
+    of similar lengths (lists: one array per pass). Contexts are numbered across their
+    passes in order (slot c of pass 0, then of pass 1, ...)."""
+    contexts: list  # (C_p, W_p) int32, left-padded: every context ends at column W_p - 1
+    context_padding: list  # (C_p,) int32, the padding columns before each context
+    inputs: list  # (R_p, V_p) int32, right-padded: each row's completion, cropped
+    row_context: list  # (R_p,) int32, the context (numbered across passes) each row continues
+    picks: mx.array  # (S,) where, in the flattened hidden states of the context passes then
+    #                  the row passes, is the state that predicts each selected token
     targets: mx.array  # (S,) the selected token ids
     advantages: mx.array  # (S,) float32
     weights: mx.array  # (S,) float32, 0 on padding
@@ -124,50 +133,81 @@ def make_microbatches(loss_rows, triples, weights, rows_per_batch: int):
         key = tuple(row.context)
         longest[key] = max(longest.get(key, 0), len(row.context) + len(row.crop))
     rows.sort(key=lambda row: (-longest[tuple(row.context)], tuple(row.context), -len(row.crop)))
-    return [pack_microbatch(rows[start:start + rows_per_batch], rows_per_batch)
+    return [pack_microbatch(rows[start:start + rows_per_batch])
             for start in range(0, len(rows), rows_per_batch)]
 
 
-def pack_microbatch(rows, rows_per_batch: int) -> MicroBatch:
-    """Arrays of one microbatch of `ForwardRow`s, padded to bucketed shapes.
+def passes(lengths) -> list:
+    """Indices of `lengths` in passes, longest first: a length joins the current pass if its
+    bucketed width is at least PASS_FILL of the pass's (same-bucket lengths always share)."""
+    widths = [_round_up(n, WIDTH_BUCKET) for n in lengths]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out = []
+    for i in order:
+        if out and widths[i] >= PASS_FILL * widths[out[-1][0]]:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
-    Contexts are not padded to a bucketed count: a padding context would cost a whole
-    forward of the widest one. A row that reads only its context's last state (a first
-    token) takes no row slot; when no row needs one, the rows' pass is skipped."""
+
+def pack_microbatch(rows) -> MicroBatch:
+    """Arrays of one microbatch of `ForwardRow`s, in passes of similar widths.
+
+    A row that reads only its context's last state (a first token) takes no row slot; when
+    no row needs one, there is no row pass. Padding is never a whole sequence: a padding row
+    or context would cost a forward of its pass's width."""
     contexts = list(dict.fromkeys(tuple(row.context) for row in rows))
-    context_slot = {context: slot for slot, context in enumerate(contexts)}
-    context_width = _round_up(max(map(len, contexts)), WIDTH_BUCKET)
-    context_tokens = np.zeros((len(contexts), context_width), dtype=np.int32)
-    context_padding = np.zeros(len(contexts), dtype=np.int32)
-    for slot, context in enumerate(contexts):
-        context_padding[slot] = context_width - len(context)
-        context_tokens[slot, context_padding[slot]:] = context
+    context_passes = passes([len(c) for c in contexts])
+    slot_of = {}  # context -> its number across passes
+    context_tokens, context_padding, ends = [], [], []
+    for members in context_passes:
+        width = _round_up(len(contexts[members[0]]), WIDTH_BUCKET)
+        tokens = np.zeros((len(members), width), dtype=np.int32)
+        padding = np.zeros(len(members), dtype=np.int32)
+        for k, c in enumerate(members):
+            padding[k] = width - len(contexts[c])
+            tokens[k, padding[k]:] = contexts[c]
+        offset = sum(t.size for t in context_tokens)
+        for k, c in enumerate(members):
+            slot_of[contexts[c]] = len(slot_of)
+            ends.append(offset + (k + 1) * width - 1)  # its last state, flattened
+        context_tokens.append(tokens)
+        context_padding.append(padding)
     running = [i for i, row in enumerate(rows) if row.crop]
-    row_slot = {i: slot for slot, i in enumerate(running)}
-    # Padding rows hold token 0 after context 0: they stay finite, and nothing reads them.
-    num_rows = min(rows_per_batch, _pow2(len(running))) if running else 0
-    width = _round_up(max((len(rows[i].crop) for i in running), default=0), WIDTH_BUCKET)
-    inputs = np.zeros((num_rows, width), dtype=np.int32)
-    row_context = np.zeros(num_rows, dtype=np.int32)
-    for i, slot in row_slot.items():
-        inputs[slot, :len(rows[i].crop)] = rows[i].crop
-        row_context[slot] = context_slot[tuple(rows[i].context)]
+    row_passes = passes([len(rows[i].crop) for i in running])
+    state_of = {}  # (row, pos) -> flattened index of the state at completion position pos
+    offset = sum(t.size for t in context_tokens)
+    inputs, row_context = [], []
+    for members in row_passes:
+        width = _round_up(len(rows[running[members[0]]].crop), WIDTH_BUCKET)
+        tokens = np.zeros((len(members), width), dtype=np.int32)
+        continues = np.zeros(len(members), dtype=np.int32)
+        for k, m in enumerate(members):
+            row = rows[running[m]]
+            tokens[k, :len(row.crop)] = row.crop
+            continues[k] = slot_of[tuple(row.context)]
+            state_of[running[m]] = offset + k * width
+        offset += tokens.size
+        inputs.append(tokens)
+        row_context.append(continues)
     selected = []
     for i, row in enumerate(rows):
         for p in row.picks:
             # The state before completion[pos]: the context's last for pos 0, else the
-            # row's own at pos - 1 (rows' states follow all the contexts' states).
+            # row's own at pos - 1.
             if p.pos == 0:
-                index = (context_slot[tuple(row.context)] + 1) * context_width - 1
+                index = ends[slot_of[tuple(row.context)]]
             else:
-                index = len(contexts) * context_width + row_slot[i] * width + p.pos - 1
+                index = state_of[i] + p.pos - 1
             selected.append((index, p.target, p.advantage, p.weight))
     padded = _pow2(len(selected), MIN_SELECTIONS)
     cols = np.zeros((4, padded), dtype=np.float64)
     cols[:, :len(selected)] = np.array(selected, dtype=np.float64).T
     return MicroBatch(
-        contexts=mx.array(context_tokens), context_padding=mx.array(context_padding),
-        inputs=mx.array(inputs), row_context=mx.array(row_context),
+        contexts=[mx.array(t) for t in context_tokens],
+        context_padding=[mx.array(p) for p in context_padding],
+        inputs=[mx.array(t) for t in inputs], row_context=[mx.array(c) for c in row_context],
         picks=mx.array(cols[0].astype(np.int32)), targets=mx.array(cols[1].astype(np.int32)),
         advantages=mx.array(cols[2].astype(np.float32)),
         weights=mx.array(cols[3].astype(np.float32)))
@@ -229,6 +269,26 @@ def apply_head(head, key, body, hidden):
         dict.__setitem__(head, key, body)
 
 
+def _joined(caches):
+    """One batched cache holding the contexts of every pass (layer by layer), each pass's
+    keys and values left-padded to the widest: padding here costs memory for keys and
+    values only, not a forward."""
+    width = max(cache.size() for cache in caches)
+    keys, values, offsets, paddings = [], [], [], []
+    for cache in caches:
+        k, v = cache.keys_and_values()
+        extra = width - cache.size()
+        pad = [(0, 0), (0, 0), (extra, 0), (0, 0)]
+        keys.append(mx.pad(k, pad) if extra else k)
+        values.append(mx.pad(v, pad) if extra else v)
+        offsets.append(cache.offset)
+        paddings.append(cache.left_padding + extra)
+    joined = BatchKVCache([0] * sum(k.shape[0] for k in keys))
+    joined.state = (mx.concatenate(keys), mx.concatenate(values), mx.concatenate(offsets),
+                    mx.concatenate(paddings), width)
+    return joined
+
+
 def _continued(cache, row_context):
     """A batched cache whose row r holds the keys and values of context row_context[r].
 
@@ -244,17 +304,22 @@ def _continued(cache, row_context):
 
 def selected_logprobs(model, batch: MicroBatch) -> mx.array:
     """log pi(target | context) at the selected positions only: the body runs once over the
-    contexts (prefilled into the model's cache, left-padded as in rollouts), once over the
-    cropped rows that continue them, and the model's own head only on the selected
-    positions' hidden states."""
+    contexts (prefilled into the model's cache, left-padded as in rollouts), pass by pass,
+    then over the cropped rows that continue them, and the model's own head only on the
+    selected positions' hidden states."""
     body, head, key = body_and_head(model)
-    cache = batch_cache(model, [0] * batch.contexts.shape[0])
-    for layer in cache:  # padding as an array, so that one compiled graph serves any
-        layer.prepare(left_padding=batch.context_padding)
-    hidden = [body(batch.contexts, cache=cache)]
-    if batch.inputs.size:  # a shape: fixed within one compiled graph
-        row_cache = [_continued(layer, batch.row_context) for layer in cache]
-        hidden.append(body(batch.inputs, cache=row_cache))
+    hidden, caches = [], []
+    for tokens, padding in zip(batch.contexts, batch.context_padding):
+        cache = batch_cache(model, [0] * tokens.shape[0])
+        for layer in cache:  # padding as an array, so that one compiled graph serves any
+            layer.prepare(left_padding=padding)
+        hidden.append(body(tokens, cache=cache))
+        caches.append(cache)
+    if batch.inputs:  # the number of passes and their shapes: fixed within one graph
+        joined = caches[0] if len(caches) == 1 else [_joined(layers) for layers in zip(*caches)]
+        for tokens, row_context in zip(batch.inputs, batch.row_context):
+            row_cache = [_continued(layer, row_context) for layer in joined]
+            hidden.append(body(tokens, cache=row_cache))
     states = mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])
     logits = apply_head(head, key, body, states[batch.picks][None])[0].astype(mx.float32)
     target_logits = mx.take_along_axis(logits, batch.targets[:, None], axis=-1)[:, 0]
@@ -281,7 +346,7 @@ def check_selected_logprobs(model, length: int = 8):
                        [Pick(col + 1 - split, int(targets[col]), 1.0, 1.0)
                         for col in range(split - 1, length)])
             for split in (1, 3)]
-    batch = pack_microbatch(rows, rows_per_batch=2)
+    batch = pack_microbatch(rows)
     expected = np.concatenate([np.array(full[col, targets[col]]).reshape(1)
                                for split in (1, 3) for col in range(split - 1, length)])
     ours = np.array(selected_logprobs(model, batch))[:len(expected)]

@@ -5,8 +5,8 @@ A probe is a loss+grad call on a made-up microbatch of the worst kind a step can
 given lengths: every row its own context (nothing shared) and every completion position
 selected. Its peak (`mx.get_peak_memory`, the figure metrics.jsonl logs as
 loss_peak_memory_gb: weights included) bounds any real microbatch with as many rows, no
-longer contexts and no longer crops. Rows are a power of two (the loss's shapes are bucketed
-that way, so compiled graphs are reused), picked as the most whose probe fits.
+longer contexts and no longer crops (the probe's one pass of contexts and one of rows is
+the widest way to run them). Rows are a power of two, picked as the most whose probe fits.
 """
 
 import os
@@ -65,7 +65,7 @@ def probe_batch(shape: RowShape, rows: int):
     completion = [3] * (shape.crop + 1)
     picks = [Pick(pos, 3, 1.0, 1.0) for pos in range(shape.crop + 1)]
     return pack_microbatch([ForwardRow([1 + row] + [2] * (shape.context - 1), completion, picks)
-                            for row in range(rows)], rows)
+                            for row in range(rows)])
 
 
 def probe_peak(loss_and_grad, shape: RowShape, rows: int) -> int:

@@ -1,7 +1,7 @@
-"""Per-algorithm RL step cost: rollout time, and loss+grad time and peak memory with each
-group's prompt run once (shared through a KV cache, what the trainer does) and run again by
-every row of the group (per-row: the loss as it was at commit BEFORE, read from git), side
-by side in the trainer's own loss loop.
+"""Per-algorithm RL step cost: rollout time, and loss+grad time and peak memory of the
+trainer's loss, side by side with the loss as it was at an earlier commit (--before, read
+from git; by default the last one where every row of a group ran the group's prompt again),
+in the trainer's own loss loop.
 
 A 135M-parameter Qwen2-shaped random model (SmolLM2-135M's dimensions), LoRA rank 8 on every
 layer, B=4 prompts x G=8 completions, 128 new tokens, prompts of 100-150 tokens (about a
@@ -37,7 +37,7 @@ from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
 
 from before import module_at
 
-BEFORE = "a2e7e9a"  # the last commit whose loss ran every row's whole context
+PER_ROW = "a2e7e9a"  # the last commit whose loss ran every row's whole context
 WORDS = ("what is times plus minus has had how many apples more less each total the a of and "
          "to in is was he she they there are were left gave bought").split()
 
@@ -74,6 +74,14 @@ def shareable_prefix_tokens(loss_rows, triples):
     return run - len(prefixes), run + sum(map(len, contexts))
 
 
+def positions(batch) -> int:
+    """Token positions a microbatch's forward runs, padding included: its contexts and rows,
+    as one array each (older commits) or a list of passes; the per-row loss had no contexts."""
+    def size(value):
+        return sum(a.size for a in value) if isinstance(value, list) else value.size
+    return size(batch.inputs) + (size(batch.contexts) if hasattr(batch, "contexts") else 0)
+
+
 def measure(model, variant, cfg, rows, triples, totals):
     """The trainer's loss+grad of a step, with `variant`'s microbatches and compiled step:
     its time, its peak, and what the loss added to the memory held before it (weights,
@@ -94,15 +102,14 @@ def measure(model, variant, cfg, rows, triples, totals):
     with patch.object(trainer, "make_microbatches", recorded):
         value, _ = trainer.loss_and_grads(model, loss_and_grad, cfg, rows, triples, totals)
     took = time.perf_counter() - start
-    # The per-row loss's microbatches have no contexts: each row holds its own.
-    run = [b.inputs.size + (b.contexts.size if hasattr(b, "contexts") else 0) for b in batches]
+    run = [positions(b) for b in batches]
     return {"loss_s": took, "peak_gb": mx.get_peak_memory() / 1e9,
             "activation_gb": (mx.get_peak_memory() - held) / 1e9, "loss": float(value),
             "positions_run": sum(run), "largest_microbatch_positions": max(run)}
 
 
 def bench_algo(cfg, task, steps, model, tokenizer, before, names):
-    modules = {"shared": loss_module, "per_row": before}
+    modules = {"shared": loss_module, "before": before}
     variants = {name: (modules[name].make_microbatches,
                        modules[name].make_loss_and_grad(model, cfg.beta, cfg.compile))
                 for name in names}
@@ -140,8 +147,8 @@ def bench_algo(cfg, task, steps, model, tokenizer, before, names):
                     "largest_microbatch_positions"):
             out[f"{name}_{key}"] = float(np.mean([r[key] for r in runs]))
     if len(names) == 2:
-        out["time_shared_vs_per_row"] = out["shared_loss_s"] / out["per_row_loss_s"]
-        out["memory_shared_vs_per_row"] = out["shared_peak_gb"] / out["per_row_peak_gb"]
+        out["time_shared_vs_before"] = out["shared_loss_s"] / out["before_loss_s"]
+        out["memory_shared_vs_before"] = out["shared_peak_gb"] / out["before_peak_gb"]
     return out
 
 
@@ -165,7 +172,8 @@ def model_described(args) -> str:
 def command_line(args) -> str:
     flags = [f"--model {args.model}" if args.model else "",
              f"--max-new-tokens {args.max_new_tokens}" if args.max_new_tokens != 128 else "",
-             f"--variants {args.variants}" if args.variants != "shared,per_row" else "",
+             f"--variants {args.variants}" if args.variants != "shared,before" else "",
+             f"--before {args.before}" if args.before != PER_ROW else "",
              f"--steps {args.steps}" if args.steps != 2 else "", f"--out {args.out}"]
     return " ".join(["python scripts/bench_step.py"] + [f for f in flags if f])
 
@@ -187,14 +195,14 @@ def algo_table(results):
     return header, rows
 
 
-def per_row_table(results):
-    """Header and rows: the trainer's loss against every row running its whole context."""
-    header = ["algo", "per-row loss+grad s", "shared loss+grad s", "time shared/per-row",
-              "per-row peak GB", "shared peak GB", "memory shared/per-row"]
-    rows = [[algo, f"{r['per_row_loss_s']:.2f}", f"{r['shared_loss_s']:.2f}",
-             f"{r['time_shared_vs_per_row']:.2f}x", f"{r['per_row_peak_gb']:.2f}",
-             f"{r['shared_peak_gb']:.2f}", f"{r['memory_shared_vs_per_row']:.2f}x"]
-            for algo, r in results.items() if "per_row_loss_s" in r]
+def before_table(results, commit):
+    """Header and rows: today's loss against the loss at `commit`."""
+    header = ["algo", f"loss+grad s at {commit}", "loss+grad s", "time now/before",
+              f"peak GB at {commit}", "peak GB", "memory now/before"]
+    rows = [[algo, f"{r['before_loss_s']:.2f}", f"{r['shared_loss_s']:.2f}",
+             f"{r['time_shared_vs_before']:.2f}x", f"{r['before_peak_gb']:.2f}",
+             f"{r['shared_peak_gb']:.2f}", f"{r['memory_shared_vs_before']:.2f}x"]
+            for algo, r in results.items() if "before_loss_s" in r]
     return header, rows
 
 
@@ -218,13 +226,14 @@ def write_markdown(path: Path, args, results, weights_gb):
         f"microbatch, then the cropped rows; padding included), in all and in the largest "
         f"microbatch (which sets the peak).", ""]
     lines += markdown_table(*algo_table(results))
-    header, rows = per_row_table(results)
+    header, rows = before_table(results, args.before)
     if rows:
         lines += ["", "*shared* (above): each microbatch runs each group's context (prompt, or "
                   "prompt + replayed prefix) once and its rows read it through a KV cache. "
-                  f"*per-row*: every row runs its whole context: the loss as it was at commit "
-                  f"{BEFORE} (loaded from git), in the same trainer loop, alternating with the "
-                  "shared one. Both give the same loss (checked every step).", ""]
+                  f"*at {args.before}*: the loss as it was at that commit (loaded from git"
+                  f"{'; every row ran its whole context' if args.before == PER_ROW else ''}), "
+                  "in the same trainer loop, alternating with today's. Both give the same loss "
+                  "(checked every step).", ""]
         lines += markdown_table(header, rows)
     share = results.get("t-spmo", {}).get("shareable_completion_prefix_share")
     if share is not None:
@@ -251,9 +260,11 @@ def main():
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[100, 150])
     parser.add_argument("--algos", default=",".join(ALGOS))
-    parser.add_argument("--variants", default="shared,per_row",
-                        help="shared (the trainer's loss), and per_row to compare with every "
-                        "row running its whole context")
+    parser.add_argument("--before", default=PER_ROW, help="the commit of the loss to compare "
+                        f"with (default {PER_ROW}: every row ran its whole context)")
+    parser.add_argument("--variants", default="shared,before",
+                        help="shared (the trainer's loss), and before to compare with the loss "
+                        "at --before")
     parser.add_argument("--model", help="a real model instead of the random 135M one; its "
                         "prompts are then SVAMP's training questions (the bundled copy)")
     parser.add_argument("--conditions", default="the machine was busy with other runs, so "
@@ -262,11 +273,11 @@ def main():
     parser.add_argument("--out", default="results/bench_step.json")
     args = parser.parse_args()
     names = args.variants.split(",")
-    if "shared" not in names or not set(names) <= {"shared", "per_row"}:
-        parser.error("--variants: shared, optionally with per_row")
+    if "shared" not in names or not set(names) <= {"shared", "before"}:
+        parser.error("--variants: shared, optionally with before")
     console = Console()
     # The loss as it was when every row ran its whole context.
-    before = module_at(BEFORE, "mlx_tokenrl/loss.py") if "per_row" in names else None
+    before = module_at(args.before, "mlx_tokenrl/loss.py") if "before" in names else None
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build_toy_model(Path(tmp) / "m135", **SHAPE_135M)
@@ -290,8 +301,8 @@ def main():
     title = (f"RL step: {model_described(args)}, B={args.prompts_per_step} G={args.group_size}, "
              f"{args.max_new_tokens} new tokens (mean of {args.steps} steps)")
     print_table(console, title, *algo_table(results))
-    if "per_row" in names:
-        print_table(console, "shared context vs per-row", *per_row_table(results))
+    if "before" in names:
+        print_table(console, f"today's loss vs at {args.before}", *before_table(results, args.before))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "mlx": mx.__version__, "results": results,

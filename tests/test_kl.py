@@ -32,7 +32,7 @@ def hand_batch():
     rows = [ForwardRow(tokens[:1], tokens[1:], [Pick(c, t, 1.0, 1.0)
                                                 for r, c, t in SELECTED if r == row])
             for row, tokens in enumerate(INPUTS)]
-    return pack_microbatch(rows, rows_per_batch=2)
+    return pack_microbatch(rows)
 
 
 def full_logit_logprobs(model) -> np.ndarray:

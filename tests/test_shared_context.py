@@ -11,8 +11,8 @@ from mlx.utils import tree_flatten
 from mlx_tokenrl import loss as loss_module
 from mlx_tokenrl import trainer
 from mlx_tokenrl.config import ALGOS, TrainConfig
-from mlx_tokenrl.loss import (LossRow, lora_disabled, make_loss_and_grad, make_microbatches,
-                              normalisation_weights)
+from mlx_tokenrl.loss import (LossRow, attach_ref_logprobs, lora_disabled, make_loss_and_grad,
+                              make_microbatches, normalisation_weights)
 from mlx_tokenrl.rollout import Completion
 
 
@@ -118,12 +118,15 @@ def test_microbatches_run_each_context_once_and_straddle_only_when_full():
             for g, ctx in enumerate([[1, 2, 3], [4, 5, 6, 7]]) for _ in range(6)]
     triples = [(r, p, 1.0) for r in range(12) for p in range(5)]
     first, second = make_microbatches(rows, triples, np.ones(len(triples), np.float32), 8)
-    assert first.contexts.shape == (2, 16) and first.inputs.shape == (8, 16)
-    assert first.context_padding.tolist() == [12, 13]  # the longer context first
-    assert first.contexts[:, -4:].tolist() == [[4, 5, 6, 7], [0, 1, 2, 3]]
-    assert first.row_context.tolist() == [0] * 6 + [1] * 2
-    assert second.contexts.shape == (1, 16) and second.inputs.shape == (4, 16)
-    assert second.context_padding.tolist() == [13]
+    [contexts], [padding], [inputs], [row_context] = (first.contexts, first.context_padding,
+                                                      first.inputs, first.row_context)
+    assert contexts.shape == (2, 16) and inputs.shape == (8, 16)
+    assert padding.tolist() == [12, 13]  # the longer context first
+    assert contexts[:, -4:].tolist() == [[4, 5, 6, 7], [0, 1, 2, 3]]
+    assert row_context.tolist() == [0] * 6 + [1] * 2
+    assert [c.shape for c in second.contexts] == [(1, 16)]
+    assert [r.shape for r in second.inputs] == [(4, 16)]
+    assert second.context_padding[0].tolist() == [13]
 
 
 def test_one_compiled_graph_serves_contexts_of_other_lengths(lora_model, monkeypatch):
@@ -164,19 +167,24 @@ def test_first_tokens_alone_run_only_their_contexts(lora_model):
     units, unit_of_row = trainer.loss_units(cfg, totals, rows)
     weights = normalisation_weights(triples, cfg.loss_norm, units, len(triples), unit_of_row)
     [batch] = make_microbatches(rows, triples, weights, cfg.microbatch_rows)
-    assert batch.inputs.shape[0] == 0 and batch.contexts.shape == (2, 32)
+    assert batch.inputs == []  # and each context in a pass of its own width:
+    assert [c.shape for c in batch.contexts] == [(1, 32), (1, 16)]
     loss, grads = trainer.loss_and_grads(lora_model, make_loss_and_grad(lora_model), cfg, rows,
                                          triples, totals)
     assert_close(loss.item(), dict(tree_flatten(grads)),
                  *reference(lora_model, cfg, rows, triples, totals))
 
 
+def checkpoint_blocks(model, monkeypatch):
+    block = type(model.layers[0])
+    monkeypatch.setattr(block, "__call__", block.__call__)  # undone after the test
+    loss_module.checkpoint_blocks(model)
+
+
 def test_gradient_checkpointing_keeps_loss_and_grads_exact(lora_model, monkeypatch):
     """Checkpointed blocks recompute their forward in the backward pass, the context's cache
     included (mlx-lm's own checkpointing would append its keys twice)."""
-    block = type(lora_model.layers[0])
-    monkeypatch.setattr(block, "__call__", block.__call__)  # undone after the test
-    loss_module.checkpoint_blocks(lora_model)
+    checkpoint_blocks(lora_model, monkeypatch)
     cfg = TrainConfig(algo="t-spmo", beta=0.2, group_size=6, tspmo_max_pairs=12,
                       microbatch_rows=4)
     rows, triples, totals = step_rows(cfg)
@@ -184,3 +192,39 @@ def test_gradient_checkpointing_keeps_loss_and_grads_exact(lora_model, monkeypat
                                          rows, triples, totals)
     assert_close(loss.item(), dict(tree_flatten(grads)),
                  *reference(lora_model, cfg, rows, triples, totals))
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.2])
+def test_passes_of_other_widths_keep_loss_and_grads_exact(lora_model, beta, checkpointed,
+                                                          monkeypatch):
+    """Contexts and rows of very different lengths run in passes of their own widths (a short
+    context is not padded to a long replay context's width), and the rows read the passes'
+    caches joined: two context passes and three row passes here, loss and gradients still
+    equal to per-row forwards, with the KL term's reference log-probs and with gradient
+    checkpointing (which re-runs each block on the joined and gathered caches)."""
+    if checkpointed:
+        checkpoint_blocks(lora_model, monkeypatch)
+    rng = np.random.default_rng(3)
+    short, long = rng.integers(3, 300, 5).tolist(), rng.integers(3, 300, 40).tolist()
+    shapes = [(short, 6), (short, 45), (long, 25), (long, 3), (short, 20)]
+    rows = [LossRow(ctx, rng.integers(3, 300, n).tolist(), g) for g, (ctx, n) in enumerate(shapes)]
+    triples = [(r, int(p), float(rng.normal()))
+               for r, row in enumerate(rows)
+               for p in {0, len(row.completion) - 1, int(rng.integers(len(row.completion)))}]
+    weights = normalisation_weights(triples, "token", len(rows), len(triples))
+    [batch] = make_microbatches(rows, triples, weights, rows_per_batch=8)
+    assert [c.shape for c in batch.contexts] == [(1, 48), (1, 16)]
+    assert [r.shape for r in batch.inputs] == [(1, 48), (2, 32), (2, 16)]
+    ref_logp = None
+    if beta:
+        attach_ref_logprobs(lora_model, [batch])
+        with lora_disabled(lora_model):
+            ref_logp = [row_logprobs(lora_model, rows[r])[len(rows[r].context) + p - 1,
+                                                          rows[r].completion[p]]
+                        for r, p, _ in triples]
+    loss, grads = make_loss_and_grad(lora_model, beta)(batch)
+    ref_loss, ref_grads = nn.value_and_grad(
+        lora_model, lambda: naive_loss(lora_model, rows, triples, weights, beta, ref_logp))()
+    assert_close(loss.item(), dict(tree_flatten(grads)), ref_loss.item(),
+                 dict(tree_flatten(ref_grads)))
