@@ -34,8 +34,8 @@ from .rollout import batch_cache
 
 WIDTH_BUCKET = 16
 MIN_SELECTIONS = 32
-# A sequence joins a pass (of longest-first sequences) while its length is at least this share
-# of the pass's width: each pass wastes at most a quarter of its positions on padding.
+# A sequence joins a pass (of longest-first sequences) while its bucketed width is at least this
+# share of the pass's: a pass wastes little more than a quarter of its positions on padding.
 PASS_FILL = 0.75
 
 
@@ -176,7 +176,7 @@ def pack_microbatch(rows) -> MicroBatch:
         context_padding.append(padding)
     running = [i for i, row in enumerate(rows) if row.crop]
     row_passes = passes([len(rows[i].crop) for i in running])
-    state_of = {}  # (row, pos) -> flattened index of the state at completion position pos
+    state_of = {}  # row -> flattened index of its state at completion position 0
     offset = sum(t.size for t in context_tokens)
     inputs, row_context = [], []
     for members in row_passes:
