@@ -51,8 +51,9 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
 def attention(queries, keys, values, cache, scale: float, mask, sinks=None):
     """mlx-lm's `scaled_dot_product_attention` with its softmax's exp from cheap ops. What a
     rollout's batched cache never gives (a quantized cache, attention sinks, the "causal"
-    string mask of an unbatched prefill) goes to mlx-lm's own."""
-    if sinks is not None or hasattr(cache, "bits") or isinstance(mask, str):
+    string mask of an unbatched prefill, a mask per head) goes to mlx-lm's own."""
+    per_head = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] != 1
+    if sinks is not None or hasattr(cache, "bits") or isinstance(mask, str) or per_head:
         return base.scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
     if mask is None:
         mask = mx.array(True)

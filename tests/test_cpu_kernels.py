@@ -113,7 +113,8 @@ def test_attention_leaves_what_rollouts_never_pass_to_mlx_lm(monkeypatch):
     q = mx.zeros((1, 2, 3, 8))
     assert attention(q, q, q, None, 1.0, "causal") == "mlx-lm's"
     assert attention(q, q, q, None, 1.0, None, sinks=mx.zeros(2)) == "mlx-lm's"
-    assert len(calls) == 2
+    assert attention(q, q, q, None, 1.0, mx.ones((1, 2, 3, 3), dtype=mx.bool_)) == "mlx-lm's"
+    assert len(calls) == 3
 
 
 def counting(monkeypatch):
