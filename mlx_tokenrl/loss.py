@@ -161,6 +161,7 @@ def pack_microbatch(rows) -> MicroBatch:
     context_passes = passes([len(c) for c in contexts])
     slot_of = {}  # context -> its number across passes
     context_tokens, context_padding, ends = [], [], []
+    offset = 0  # flattened hidden states of the passes so far
     for members in context_passes:
         width = _round_up(len(contexts[members[0]]), WIDTH_BUCKET)
         tokens = np.zeros((len(members), width), dtype=np.int32)
@@ -168,16 +169,15 @@ def pack_microbatch(rows) -> MicroBatch:
         for k, c in enumerate(members):
             padding[k] = width - len(contexts[c])
             tokens[k, padding[k]:] = contexts[c]
-        offset = sum(t.size for t in context_tokens)
         for k, c in enumerate(members):
             slot_of[contexts[c]] = len(slot_of)
             ends.append(offset + (k + 1) * width - 1)  # its last state, flattened
+        offset += tokens.size
         context_tokens.append(tokens)
         context_padding.append(padding)
     running = [i for i, row in enumerate(rows) if row.crop]
     row_passes = passes([len(rows[i].crop) for i in running])
     state_of = {}  # row -> flattened index of its state at completion position 0
-    offset = sum(t.size for t in context_tokens)
     inputs, row_context = [], []
     for members in row_passes:
         width = _round_up(len(rows[running[members[0]]].crop), WIDTH_BUCKET)

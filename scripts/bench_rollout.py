@@ -31,7 +31,6 @@ import mlx_lm
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from rich.console import Console
-from rich.table import Table
 
 from mlx.utils import tree_flatten
 
@@ -41,6 +40,7 @@ from mlx_tokenrl.sampling import row_keys, sample_tokens
 from mlx_tokenrl.toy import SHAPE_135M, SHAPE_QWEN_0_5B, build_toy_model
 
 from before import module_at
+from tables import print_table
 
 SHAPES = {"tiny": {}, "135m": SHAPE_135M, "qwen0.5b": SHAPE_QWEN_0_5B}
 BEFORE = "0daf49e"  # the last commit that sampled by Gumbel-max
@@ -230,12 +230,7 @@ def main():
               f"{r['ours_vs_forward']:.2f}", f"{r['ours_vs_batch_generate']:.2f}",
               f"{r['forward_ms']:.0f}", f"{r['sampling_ms']:.1f}", f"{r['gemm_gflops']:.0f}",
               f"{r['read_gb_s']:.1f}", f"{r['kernels_gain']:.2f}x"] for r in rows]
-    table = Table(title=title)
-    for col in header:
-        table.add_column(col, justify="right")
-    for line in cells:
-        table.add_row(*line)
-    console.print(table)
+    print_table(console, title, header, cells)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "openblas": backend.openblas_path,

@@ -26,7 +26,6 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from rich.console import Console
-from rich.table import Table
 
 from mlx_tokenrl import trainer
 from mlx_tokenrl.config import ALGOS, TrainConfig
@@ -36,6 +35,7 @@ from mlx_tokenrl.tasks import Example, Task, load_task
 from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
 
 from before import module_at
+from tables import print_table
 
 PER_ROW = "a2e7e9a"  # the last commit whose loss ran every row's whole context
 WORDS = ("what is times plus minus has had how many apples more less each total the a of and "
@@ -241,15 +241,6 @@ def write_markdown(path: Path, args, results, weights_gb):
                       f"(a prefix tree over the rows would run them once) are {share:.1%} of "
                       f"the tokens its shared loss runs."]
     path.write_text("\n".join(lines) + "\n")
-
-
-def print_table(console, title, header, rows):
-    table = Table(title=title)
-    for col in header:
-        table.add_column(col, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
 
 
 def main():
