@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+
+from tables import print_table
 
 MEASURE = """
 import json, time
@@ -48,13 +49,10 @@ def main():
     parser.add_argument("--out", default="results/bench_blas.json")
     args = parser.parse_args()
     rows = {"reference BLAS (TOKENRL_NO_OPENBLAS=1)": measure(True), "mlx_tokenrl default": measure(False)}
-    table = Table(title="1024x1024 fp32 matmul on the MLX CPU backend")
-    table.add_column("setup")
-    table.add_column("BLAS loaded")
-    table.add_column("GFLOP/s", justify="right")
-    for name, r in rows.items():
-        table.add_row(name, r["openblas"] or "bundled reference", f"{r['gflops']:.1f}")
-    Console().print(table)
+    print_table(Console(), "1024x1024 fp32 matmul on the MLX CPU backend",
+                ["setup", "BLAS loaded", "GFLOP/s"],
+                [[name, r["openblas"] or "bundled reference", f"{r['gflops']:.1f}"]
+                 for name, r in rows.items()], left=("setup", "BLAS loaded"))
     speedup = rows["mlx_tokenrl default"]["gflops"] / rows["reference BLAS (TOKENRL_NO_OPENBLAS=1)"]["gflops"]
     Console().print(f"fast path speed-up: {speedup:.0f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,11 @@ import mlx_tokenrl  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
 
 from loopback import BIN, launch_command, launch_env
+from tables import markdown_table, print_table
 
 REWARD = ("import hashlib\n\ndef coin(text, answer):\n"
           "    return float(hashlib.sha256(text.encode()).digest()[0] % 2)\n")
@@ -95,20 +95,20 @@ def main():
             console.print(f"{ranks} rank(s): {results[ranks]}")
 
     one = results[1]
-    table = Table(title=f"RL step, 135M Qwen2-shaped, B={args.prompts_per_step} G={args.group_size}, "
-                        f"{args.max_new_tokens} new tokens, {args.algo}, LoRA rank {args.lora_rank} "
-                        f"on all linear layers (mean of {args.steps} steps, {os.cpu_count()} CPU cores)")
-    for col in ("ranks", "rollout s", "loss+grad s", "wait s", "all-reduce s", "update s", "step s",
-                "all-reduce share", "bytes all-reduced", "sent per rank", "tokens/s", "vs 1 rank"):
-        table.add_column(col, justify="right")
-    for ranks, r in results.items():
+    title = (f"RL step, 135M Qwen2-shaped, B={args.prompts_per_step} G={args.group_size}, "
+             f"{args.max_new_tokens} new tokens, {args.algo}, LoRA rank {args.lora_rank} "
+             f"on all linear layers (mean of {args.steps} steps, {os.cpu_count()} CPU cores)")
+    for r in results.values():
         r["speedup_vs_1"] = one["step_s"] / r["step_s"]
-        table.add_row(str(ranks), f"{r['rollout_s']:.2f}", f"{r['loss_s']:.2f}", f"{r['sync_s']:.2f}",
-                      f"{r['allreduce_s']:.3f}", f"{r['update_s']:.3f}", f"{r['step_s']:.2f}",
-                      f"{r['allreduce_share']:.1%}", f"{r['allreduce_bytes'] / 1e6:.2f} MB",
-                      f"{r['wire_bytes_per_rank'] / 1e6:.2f} MB", f"{r['tokens_per_s']:.0f}",
-                      f"{r['speedup_vs_1']:.2f}x")
-    console.print(table)
+    header = ["ranks", "rollout s", "loss+grad s", "wait s", "all-reduce s", "update s", "step s",
+              "all-reduce share", "bytes all-reduced / step", "sent per rank", "tokens/s",
+              "vs 1 rank"]
+    cells = [[str(ranks), f"{r['rollout_s']:.2f}", f"{r['loss_s']:.2f}", f"{r['sync_s']:.2f}",
+              f"{r['allreduce_s']:.3f}", f"{r['update_s']:.3f}", f"{r['step_s']:.2f}",
+              f"{r['allreduce_share']:.1%}", f"{r['allreduce_bytes'] / 1e6:.2f} MB",
+              f"{r['wire_bytes_per_rank'] / 1e6:.2f} MB", f"{r['tokens_per_s']:.0f}",
+              f"{r['speedup_vs_1']:.2f}x"] for ranks, r in results.items()]
+    print_table(console, title, header, cells)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"args": vars(args), "mlx": mx.__version__, "cpu_count": os.cpu_count(),
@@ -125,14 +125,7 @@ def main():
         f"step. Load average when each run started (other work on the machine): "
         + ", ".join(f"{k} rank(s) {r['load_average_at_start']:.1f}" for k, r in results.items())
         + ".\n",
-        "| ranks | rollout s | loss+grad s | wait s | all-reduce s | update s | step s | "
-        "all-reduce share | bytes all-reduced / step | sent per rank | tokens/s | vs 1 rank |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *(f"| {k} | {r['rollout_s']:.2f} | {r['loss_s']:.2f} | {r['sync_s']:.2f} | "
-          f"{r['allreduce_s']:.3f} | {r['update_s']:.3f} | {r['step_s']:.2f} | "
-          f"{r['allreduce_share']:.1%} | {r['allreduce_bytes'] / 1e6:.2f} MB | "
-          f"{r['wire_bytes_per_rank'] / 1e6:.2f} MB | {r['tokens_per_s']:.0f} | "
-          f"{r['speedup_vs_1']:.2f}x |" for k, r in results.items()),
+        *markdown_table(header, cells),
         "",
         f"The all-reduce takes {two['allreduce_share']:.1%} of a 2-rank step "
         f"({two['allreduce_bytes'] / 1e6:.2f} MB of LoRA gradients, once per step). Two ranks "

@@ -47,7 +47,6 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.callbacks import TrainingCallback
 from rich.console import Console
-from rich.table import Table
 
 from mlx_tokenrl import trainer
 from mlx_tokenrl.config import ConfigError, TrainConfig
@@ -56,6 +55,7 @@ from mlx_tokenrl.tasks import Example, load_task
 from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
 
 from bench_step import coin_reward, questions_of_length
+from tables import markdown_table, print_table
 
 SHAPES = {"135m": SHAPE_135M, "tiny": {}}  # {}: toy.TINY, for quick checks
 
@@ -316,20 +316,21 @@ def mapping(args, microbatch_rows: int) -> list:
     ]
 
 
-def table(title: str, ours: Run, theirs: Run, ratio: dict) -> Table:
-    out = Table(title=title)
-    for col in ("side", "step s", "rollout s", "loss+grad+update s", "peak GB",
-                "completions", "generated tokens", "loss tokens"):
-        out.add_column(col, justify="right")
-    for r in (ours, theirs):
-        out.add_row(r.side, f"{r.step_s:.2f}", f"{r.rollout_s:.2f}", f"{r.update_s:.2f}",
-                    f"{r.peak_gb:.3f}", f"{r.completions:.0f}", f"{r.generated_tokens:.0f}",
-                    f"{r.loss_tokens:.0f}")
-    out.add_row("time peer/ours", f"{ratio['step_time_peer_over_ours']:.2f}x",
-                f"{ratio['rollout_time_peer_over_ours']:.2f}x",
-                f"{ratio['update_time_peer_over_ours']:.2f}x", "", "", "", "")
-    out.add_row("peak ours/peer", "", "", "", f"{ratio['peak_ours_over_peer']:.2f}x", "", "", "")
-    return out
+SIDE_HEADER = ("side", "step s", "rollout s", "loss+grad+update s", "peak GB", "completions",
+               "generated tokens", "loss tokens")
+
+
+def side_rows(ours: Run, theirs: Run) -> list:
+    return [[r.side, f"{r.step_s:.2f}", f"{r.rollout_s:.2f}", f"{r.update_s:.2f}",
+             f"{r.peak_gb:.3f}", f"{r.completions:.0f}", f"{r.generated_tokens:.0f}",
+             f"{r.loss_tokens:.0f}"] for r in (ours, theirs)]
+
+
+def ratio_rows(ratio: dict) -> list:
+    return [["time peer/ours", f"{ratio['step_time_peer_over_ours']:.2f}x",
+             f"{ratio['rollout_time_peer_over_ours']:.2f}x",
+             f"{ratio['update_time_peer_over_ours']:.2f}x", "", "", "", ""],
+            ["peak ours/peer", "", "", "", f"{ratio['peak_ours_over_peer']:.2f}x", "", "", ""]]
 
 
 def write_markdown(path: Path, command: str, described: str, report: dict):
@@ -341,13 +342,7 @@ def write_markdown(path: Path, command: str, described: str, report: dict):
         f"{described}; median of {report['args']['repeats']} alternating runs per side after "
         f"one warm-up step each. Versions: "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", "",
-        "| side | step s | rollout s | loss+grad+update s | peak GB | completions | "
-        "generated tokens | loss tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in (ours, theirs):
-        lines.append(f"| {r.side} | {r.step_s:.2f} | {r.rollout_s:.2f} | {r.update_s:.2f} | "
-                     f"{r.peak_gb:.3f} | {r.completions:.0f} | {r.generated_tokens:.0f} | "
-                     f"{r.loss_tokens:.0f} |")
+        *markdown_table(SIDE_HEADER, side_rows(ours, theirs), left=("side",))]
     lines += ["", f"Time peer/ours: whole step **{ratio['step_time_peer_over_ours']:.2f}x**, "
                   f"rollout {ratio['rollout_time_peer_over_ours']:.2f}x, loss+grad+update "
                   f"{ratio['update_time_peer_over_ours']:.2f}x. Peak memory ours/peer: "
@@ -450,8 +445,9 @@ def main():
     if median["ours"].loss_tokens != median["mlx-lm-lora"].loss_tokens:
         console.print("note: the sides' loss tokens differ: ours leaves out groups whose "
                       "rewards are all equal (no signal), the peer scores them at advantage 0")
-    console.print(table(f"One GRPO step: {described} (median of {args.repeats})",
-                        median["ours"], median["mlx-lm-lora"], ratio))
+    print_table(console, f"One GRPO step: {described} (median of {args.repeats})", SIDE_HEADER,
+                side_rows(median["ours"], median["mlx-lm-lora"]) + ratio_rows(ratio),
+                left=("side",))
     report = {"command": command, "args": vars(args), "versions": versions(),
               "lora_parameters": lora_parameters,
               "resident_gb": {k: v / 1e9 for k, v in resident.items()},

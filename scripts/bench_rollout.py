@@ -40,7 +40,7 @@ from mlx_tokenrl.sampling import row_keys, sample_tokens
 from mlx_tokenrl.toy import SHAPE_135M, SHAPE_QWEN_0_5B, build_toy_model
 
 from before import module_at
-from tables import print_table
+from tables import markdown_table, print_table
 
 SHAPES = {"tiny": {}, "135m": SHAPE_135M, "qwen0.5b": SHAPE_QWEN_0_5B}
 BEFORE = "0daf49e"  # the last commit that sampled by Gumbel-max
@@ -230,15 +230,13 @@ def main():
               f"{r['ours_vs_forward']:.2f}", f"{r['ours_vs_batch_generate']:.2f}",
               f"{r['forward_ms']:.0f}", f"{r['sampling_ms']:.1f}", f"{r['gemm_gflops']:.0f}",
               f"{r['read_gb_s']:.1f}", f"{r['kernels_gain']:.2f}x"] for r in rows]
-    print_table(console, title, header, cells)
+    print_table(console, title, header, cells, left=("model",))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "openblas": backend.openblas_path,
                                "mlx": mx.__version__, "rows": rows}, indent=2))
     command = " ".join(["python", *sys.argv])
-    markdown = [f"{title}\n", f"`{command}`\n", "| " + " | ".join(header) + " |",
-                "|---" * len(header) + "|"]
-    markdown += ["| " + " | ".join(line) + " |" for line in cells]
+    markdown = [f"{title}\n", f"`{command}`\n", *markdown_table(header, cells, left=("model",))]
     out.with_suffix(".md").write_text("\n".join(markdown) + "\n")
     console.print(f"wrote {out} and {out.with_suffix('.md')}")
 

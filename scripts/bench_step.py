@@ -35,7 +35,7 @@ from mlx_tokenrl.tasks import Example, Task, load_task
 from mlx_tokenrl.toy import SHAPE_135M, build_toy_model
 
 from before import module_at
-from tables import print_table
+from tables import markdown_table, print_table
 
 PER_ROW = "a2e7e9a"  # the last commit whose loss ran every row's whole context
 WORDS = ("what is times plus minus has had how many apples more less each total the a of and "
@@ -206,11 +206,6 @@ def before_table(results, commit):
     return header, rows
 
 
-def markdown_table(header, rows) -> list:
-    return (["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-            + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def write_markdown(path: Path, args, results, weights_gb):
     lines = [
         "# RL step cost per algorithm", "",
@@ -225,7 +220,7 @@ def write_markdown(path: Path, args, results, weights_gb):
         f"state). *Positions run*: token positions the loss's forward runs (contexts once per "
         f"microbatch, then the cropped rows; padding included), in all and in the largest "
         f"microbatch (which sets the peak).", ""]
-    lines += markdown_table(*algo_table(results))
+    lines += markdown_table(*algo_table(results), left=("algo",))
     header, rows = before_table(results, args.before)
     if rows:
         lines += ["", "*shared* (above): each microbatch runs each group's context (prompt, or "
@@ -234,7 +229,7 @@ def write_markdown(path: Path, args, results, weights_gb):
                   f"{'; every row ran its whole context' if args.before == PER_ROW else ''}), "
                   "in the same trainer loop, alternating with today's. Both give the same loss "
                   "(checked every step).", ""]
-        lines += markdown_table(header, rows)
+        lines += markdown_table(header, rows, left=("algo",))
     share = results.get("t-spmo", {}).get("shareable_completion_prefix_share")
     if share is not None:
         lines += ["", f"T-SPMO: completion tokens that rows of one context share beyond it "
@@ -291,9 +286,10 @@ def main():
 
     title = (f"RL step: {model_described(args)}, B={args.prompts_per_step} G={args.group_size}, "
              f"{args.max_new_tokens} new tokens (mean of {args.steps} steps)")
-    print_table(console, title, *algo_table(results))
+    print_table(console, title, *algo_table(results), left=("algo",))
     if "before" in names:
-        print_table(console, f"today's loss vs at {args.before}", *before_table(results, args.before))
+        print_table(console, f"today's loss vs at {args.before}", *before_table(results, args.before),
+                    left=("algo",))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "mlx": mx.__version__, "results": results,

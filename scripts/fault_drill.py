@@ -27,12 +27,12 @@ import mlx_tokenrl  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from mlx_tokenrl.checkpoint import latest_checkpoint
 from mlx_tokenrl.toy import build_toy_model
 
 from loopback import BIN, alive, launch_command, launch_env, launched_rank_pids
+from tables import markdown_table, print_table
 
 ALGOS = ("grpo", "s-grpo", "t-spmo")
 REWARD = "def digits(text, answer):\n    return sum(c.isdigit() for c in text) / max(len(text), 1)\n"
@@ -223,36 +223,29 @@ def max_diff(a: Path, b: Path):
 
 def report(args, rows, summary, durations, console):
     """Print the tables; write the JSON and the markdown next to it."""
-    table = Table(title=f"Fault drill: {len(rows)} runs of {args.steps} steps on the tiny model, "
-                        f"kill -9 then --resume")
-    for col in ("run", "ranks", "algo", "killed", "at step", "where", "other rank stopped",
-                "resumed from", "final steps", "finite", "max |Δ| vs uninterrupted", "result"):
-        table.add_column(col, justify="right" if col not in ("where", "result", "algo") else "left")
-    md = ["| run | ranks (run → resume) | algo | killed | at step | where | other rank stopped | "
-          "resumed from | final steps | finite | max abs diff vs uninterrupted | result |",
-          "|---:|---|---|---|---:|---|---:|---:|---:|---|---:|---|"]
-    for r in rows:
-        cells = [str(r["run"]), f"{r['ranks']} → {r['resume_ranks']}", r["algo"],
-                 f"rank {r['killed_rank']} ({r['mode']})" if "killed_rank" in r else "-",
-                 str(r.get("steps_done_at_kill", "-")), r.get("phase", "-"),
-                 f"{r['others_stopped_s']:.2f} s" if "others_stopped_s" in r else "-",
-                 str(r.get("checkpoint_step", "-")), str(r.get("final_steps", "-")),
-                 "yes" if r.get("finite") else "NO",
-                 f"{r['max_diff_vs_uninterrupted']:.1e}" if "max_diff_vs_uninterrupted" in r else "-",
-                 "ok" if not r["failures"] else "; ".join(r["failures"])]
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    console.print(table)
-    totals = Table(title="Totals")
-    for col in ("kills", "of them 2-rank", "in checkpoint writes", "resumes",
-                "with another rank count", "resumes started", "checkpoint load failures",
-                "wrong final step", "non-finite adapters", "hangs", "failed runs"):
-        totals.add_column(col, justify="right")
-    totals.add_row(*(str(summary[k]) for k in (
-        "kills", "kills_two_ranks", "kills_in_checkpoint_writes", "resumes",
-        "resumes_with_other_rank_count", "resumes_started", "checkpoint_load_failures",
-        "wrong_final_step", "non_finite", "hangs", "failures")))
-    console.print(totals)
+    header = ["run", "ranks (run → resume)", "algo", "killed", "at step", "where",
+              "other rank stopped", "resumed from", "final steps", "finite",
+              "max abs diff vs uninterrupted", "result"]
+    left = ("ranks (run → resume)", "algo", "killed", "where", "finite", "result")
+    cells = [[str(r["run"]), f"{r['ranks']} → {r['resume_ranks']}", r["algo"],
+              f"rank {r['killed_rank']} ({r['mode']})" if "killed_rank" in r else "-",
+              str(r.get("steps_done_at_kill", "-")), r.get("phase", "-"),
+              f"{r['others_stopped_s']:.2f} s" if "others_stopped_s" in r else "-",
+              str(r.get("checkpoint_step", "-")), str(r.get("final_steps", "-")),
+              "yes" if r.get("finite") else "NO",
+              f"{r['max_diff_vs_uninterrupted']:.1e}" if "max_diff_vs_uninterrupted" in r else "-",
+              "ok" if not r["failures"] else "; ".join(r["failures"])] for r in rows]
+    print_table(console, f"Fault drill: {len(rows)} runs of {args.steps} steps on the tiny model, "
+                         f"kill -9 then --resume", header, cells, left)
+    print_table(console, "Totals",
+                ["kills", "of them 2-rank", "in checkpoint writes", "resumes",
+                 "with another rank count", "resumes started", "checkpoint load failures",
+                 "wrong final step", "non-finite adapters", "hangs", "failed runs"],
+                [[str(summary[k]) for k in (
+                    "kills", "kills_two_ranks", "kills_in_checkpoint_writes", "resumes",
+                    "resumes_with_other_rank_count", "resumes_started",
+                    "checkpoint_load_failures", "wrong_final_step", "non_finite", "hangs",
+                    "failures")]])
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -282,7 +275,7 @@ def report(args, rows, summary, durations, console):
             "process reproduce that run bit for bit. Runs that had 2 ranks for some steps sum "
             "their gradients in a different order, and the deliberately high learning rate "
             "(3e-3 on a random model) amplifies that float rounding over the 12 steps.\n",
-            *md, ""]
+            *markdown_table(header, cells, left), ""]
     out.with_suffix(".md").write_text("\n".join(text))
     console.print(f"wrote {out} and {out.with_suffix('.md')}")
 

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+
+from tables import print_table
 
 
 def curve(records, budgets):
@@ -32,13 +33,10 @@ def main():
     args = parser.parse_args()
     records = [json.loads(line) for line in args.examples.read_text().splitlines() if line]
     rows = curve(records, [int(b) for b in args.budgets.split(",")])
-    table = Table(title=f"{args.examples} ({len(records)} answers)")
-    for col in ("max new tokens", "truncated", "accuracy (lower bound)"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r["max_new_tokens"]), f"{r['truncated']:.1%}",
-                      f"{r['accuracy_lower_bound']:.1%}")
-    Console().print(table)
+    print_table(Console(), f"{args.examples} ({len(records)} answers)",
+                ["max new tokens", "truncated", "accuracy (lower bound)"],
+                [[str(r["max_new_tokens"]), f"{r['truncated']:.1%}",
+                  f"{r['accuracy_lower_bound']:.1%}"] for r in rows])
     if args.out:
         args.out.write_text(json.dumps({"examples": str(args.examples), "rows": rows}, indent=2))
 
