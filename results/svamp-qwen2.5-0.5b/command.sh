@@ -20,8 +20,14 @@
 # stop); `bash command.sh table` writes the table and plot over every finished arm.
 set -e
 cd /work/main
+# Every arm runs the package as of commit 6120d50 (session 7 on: a worktree of it first on the
+# import path), so later changes to the code (e.g. faster rollouts) cannot favour the arms
+# that start later; pair 1 ran 7efaea5's loss up to its session-6 steps (same values, see
+# compare/STATUS).
+CODE=/work/runs/compare-code
+[ -d "$CODE" ] || git worktree add --detach "$CODE" 6120d50
 arm() {
-  OPENBLAS_NUM_THREADS=1 .venv/bin/tokenrl-mlx compare svamp --data ../shared/data/svamp \
+  PYTHONPATH="$CODE" OPENBLAS_NUM_THREADS=1 .venv/bin/tokenrl-mlx compare svamp --data ../shared/data/svamp \
     --model /work/models/qwen2.5-coder-0.5b --steps 20 --prompts-per-step 4 --group-size 8 \
     --max-new-tokens 300 --temperature 0.6 --lr 5e-6 --eval-every 5 --eval-limit 100 \
     --final-eval-limit 300 --microbatch-rows 2 --save-every 1 --seed 0 \
@@ -38,6 +44,10 @@ case "${1:-}" in
          arm --algos s-grpo --resume >> /work/runs/svamp-qwen-compare.s-grpo.log 2>&1 &
          arm --algos t-spmo:tspmo-replay=6 --resume >> /work/runs/svamp-qwen-compare.replay6.log 2>&1 &
          wait ;;
+  # One arm by itself (--resume), to start the next arm as soon as one of a pair finishes:
+  # bash command.sh one s-grpo
+  one)   shift; name="$1"; shift; base_scored
+         arm --algos "$name" --resume "$@" >> "/work/runs/svamp-qwen-compare.${name//[:=]/_}.log" 2>&1 ;;
   table) shift; arm --algos grpo,s-grpo,t-spmo,t-spmo:tspmo-replay=6 --resume "$@" ;;
-  *) echo "usage: bash command.sh pair1|pair2|table [--resume]"; exit 2 ;;
+  *) echo "usage: bash command.sh pair1|pair2|one ARM|table [--resume]"; exit 2 ;;
 esac
