@@ -78,8 +78,10 @@ def ours_before(model, tokenizer, prompts, group, params):
 
 
 def ours_without_kernels(model, tokenizer, prompts, group, params):
-    """Today's rollout with mlx-lm's own SwiGLU and attention (no CPU kernel swapped in)."""
-    with patch.dict(cpu_kernels.SWAPS, clear=True):
+    """Today's rollout with mlx-lm's own SwiGLU, attention and LoRA layer (no CPU kernel
+    swapped in)."""
+    with (patch.dict(cpu_kernels.SWAPS, clear=True),
+          patch.object(cpu_kernels, "lora_linear", cpu_kernels.MLX_LM_LORA_LINEAR)):
         return ours(model, tokenizer, prompts, group, params)
 
 

@@ -174,7 +174,9 @@ def command_line(args) -> str:
              f"--max-new-tokens {args.max_new_tokens}" if args.max_new_tokens != 128 else "",
              f"--variants {args.variants}" if args.variants != "shared,before" else "",
              f"--before {args.before}" if args.before != PER_ROW else "",
-             f"--steps {args.steps}" if args.steps != 2 else "", f"--out {args.out}"]
+             f"--steps {args.steps}" if args.steps != 2 else "",
+             f"--microbatch-rows {args.microbatch_rows}" if args.microbatch_rows != 8 else "",
+             f"--out {args.out}"]
     return " ".join(["python scripts/bench_step.py"] + [f for f in flags if f])
 
 
@@ -212,8 +214,8 @@ def write_markdown(path: Path, args, results, weights_gb):
         f"`{command_line(args)}` (MLX {mx.__version__}, OpenBLAS, 2-core Linux CPU, float32; "
         f"{args.conditions}): {model_described(args)}, B={args.prompts_per_step} prompts x "
         f"G={args.group_size}, {args.max_new_tokens} new tokens, LoRA rank 8 on every linear "
-        f"layer, default settings (microbatch 8 rows, S-GRPO alpha=4 k=24 P=0.75, T-SPMO with "
-        f"2 replays); mean of {args.steps} steps after a warm-up step. Rewards are a fixed "
+        f"layer, microbatch {args.microbatch_rows} rows, default settings otherwise (S-GRPO "
+        f"alpha=4 k=24 P=0.75, T-SPMO with 2 replays); mean of {args.steps} steps after a warm-up step. Rewards are a fixed "
         f"pseudo-random 0/1 per completion text, so every group carries signal. Peak memory "
         f"includes the model's {weights_gb:.2f} GB of float32 weights; *activation* is the "
         f"loss+grad peak minus the memory held just before the loss (weights, LoRA, optimizer "
@@ -246,6 +248,8 @@ def main():
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=[100, 150])
     parser.add_argument("--algos", default=",".join(ALGOS))
+    parser.add_argument("--microbatch-rows", type=int, default=8,
+                        help="rows per loss microbatch, the same for every algorithm")
     parser.add_argument("--before", default=PER_ROW, help="the commit of the loss to compare "
                         f"with (default {PER_ROW}: every row ran its whole context)")
     parser.add_argument("--variants", default="shared,before",
@@ -271,7 +275,7 @@ def main():
             cfg = TrainConfig(model=str(path), algo=algo, steps=100,
                               prompts_per_step=args.prompts_per_step,
                               group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                              microbatch_rows=8, out=tmp)
+                              microbatch_rows=args.microbatch_rows, out=tmp)
             model, tokenizer = load_model(cfg.model)
             mx.random.seed(0)
             add_lora(model, lora_config(cfg.lora_rank, cfg.lora_scale))
