@@ -3,7 +3,8 @@ ours (`cpu_kernels.lora_linear`: the low-rank product added by one addmm).
 
 Random weights with a model's shape, rank-8 adapters on every linear layer (training's
 default), B rows decoding from a short prompt in a plain batched KV cache; the three columns
-alternate and each keeps its best of --repeats. Prints a table, writes JSON and markdown.
+alternate (in reverse order every other repeat) and each keeps its best of --repeats. Prints
+a table, writes JSON and markdown.
 
     python scripts/bench_lora_decode.py --model qwen0.5b --rows 32,64 \\
         --out results/bench_lora_decode_qwen0.5b.json
@@ -42,7 +43,6 @@ def step_seconds(model, rows: int, prompt: int, steps: int) -> float:
     cache = make_prompt_cache(model)
     mx.eval(model(mx.zeros((rows, prompt), dtype=mx.int32), cache=cache))
     token = mx.zeros((rows, 1), dtype=mx.int32)
-    mx.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         mx.eval(model(token, cache=cache))
@@ -61,6 +61,10 @@ def main():
                         help="how quiet the machine was, for the markdown")
     parser.add_argument("--out", default="results/bench_lora_decode.json")
     args = parser.parse_args()
+    try:
+        row_counts = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        parser.error(f"--rows {args.rows}: row counts separated by commas, e.g. 32,64")
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_toy_model(Path(tmp) / args.model, **SHAPES[args.model])
@@ -76,10 +80,12 @@ def main():
     mx.eval(plain.parameters(), adapted.parameters())
 
     rows_out = []
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in row_counts:
         best = {}
-        for _ in range(args.repeats):
-            for key, (_, forward) in COLUMNS.items():
+        for repeat in range(args.repeats):
+            order = list(COLUMNS)[::-1] if repeat % 2 else list(COLUMNS)
+            for key in order:
+                forward = COLUMNS[key][1]
                 with cpu_kernels.cpu_kernels(plain):  # as in a rollout: SwiGLU, attention too
                     if forward is not None:
                         LoRALinear.__call__ = forward

@@ -78,10 +78,9 @@ def ours_before(model, tokenizer, prompts, group, params):
 
 
 def ours_without_kernels(model, tokenizer, prompts, group, params):
-    """Today's rollout with mlx-lm's own SwiGLU, attention and LoRA layer (no CPU kernel
-    swapped in)."""
-    with (patch.dict(cpu_kernels.SWAPS, clear=True),
-          patch.object(cpu_kernels, "lora_linear", cpu_kernels.MLX_LM_LORA_LINEAR)):
+    """Today's rollout with mlx-lm's own SwiGLU and attention (no CPU kernel swapped in; the
+    models here have no LoRA layers)."""
+    with patch.dict(cpu_kernels.SWAPS, clear=True):
         return ours(model, tokenizer, prompts, group, params)
 
 

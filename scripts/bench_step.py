@@ -215,8 +215,9 @@ def write_markdown(path: Path, args, results, weights_gb):
         f"{args.conditions}): {model_described(args)}, B={args.prompts_per_step} prompts x "
         f"G={args.group_size}, {args.max_new_tokens} new tokens, LoRA rank 8 on every linear "
         f"layer, microbatch {args.microbatch_rows} rows, default settings otherwise (S-GRPO "
-        f"alpha=4 k=24 P=0.75, T-SPMO with 2 replays); mean of {args.steps} steps after a warm-up step. Rewards are a fixed "
-        f"pseudo-random 0/1 per completion text, so every group carries signal. Peak memory "
+        f"alpha=4 k=24 P=0.75, T-SPMO with 2 replays); mean of {args.steps} steps after a "
+        f"warm-up step. Rewards are a fixed pseudo-random 0/1 per completion text, so every "
+        f"group carries signal. Peak memory "
         f"includes the model's {weights_gb:.2f} GB of float32 weights; *activation* is the "
         f"loss+grad peak minus the memory held just before the loss (weights, LoRA, optimizer "
         f"state). *Positions run*: token positions the loss's forward runs (contexts once per "
@@ -265,6 +266,8 @@ def main():
     names = args.variants.split(",")
     if "shared" not in names or not set(names) <= {"shared", "before"}:
         parser.error("--variants: shared, optionally with before")
+    if args.microbatch_rows < 1:
+        parser.error("--microbatch-rows: at least 1")
     console = Console()
     # The loss as it was when every row ran its whole context.
     before = module_at(args.before, "mlx_tokenrl/loss.py") if "before" in names else None
@@ -292,8 +295,8 @@ def main():
              f"{args.max_new_tokens} new tokens (mean of {args.steps} steps)")
     print_table(console, title, *algo_table(results), left=("algo",))
     if "before" in names:
-        print_table(console, f"today's loss vs at {args.before}", *before_table(results, args.before),
-                    left=("algo",))
+        print_table(console, f"today's loss vs at {args.before}",
+                    *before_table(results, args.before), left=("algo",))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "mlx": mx.__version__, "results": results,

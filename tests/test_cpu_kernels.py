@@ -3,16 +3,17 @@ mlx-lm's) within float32 rounding, used only inside rollouts on the CPU, and mlx
 put back afterwards."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
-import mlx.nn as nn
 from mlx_lm.models import activations, base, qwen2
 from mlx_lm.tuner.lora import LoRALinear
 
 from mlx_tokenrl import cpu_kernels
-from mlx_tokenrl.cpu_kernels import (MLX_LM_LORA_LINEAR, attention, cpu_kernels as kernels_for,
-                                     exp2, lora_linear, swiglu)
+from mlx_tokenrl.cpu_kernels import (MLX_LM_LORA_LINEAR, attention, exp2, lora_linear,
+                                     swiglu)
+from mlx_tokenrl.cpu_kernels import cpu_kernels as kernels_for
 from mlx_tokenrl.models import add_lora
 from mlx_tokenrl.rollout import SamplingParams, generate_tokens
 from mlx_tokenrl.toy import tiny_family_model
@@ -124,17 +125,29 @@ def test_attention_leaves_what_rollouts_never_pass_to_mlx_lm(monkeypatch):
 @pytest.mark.parametrize("bias", [True, False])
 def test_lora_linear_matches_a_hand_computation(bias):
     rng = np.random.default_rng(0)
-    layer = LoRALinear.from_base(nn.Linear(16, 12, bias=bias), r=4, scale=20.0)
-    layer.lora_b = mx.array(rng.normal(size=(4, 12)).astype(np.float32)) * 0.1
+    layer = LoRALinear.from_base(nn.Linear(16, 12, bias=bias), r=4, scale=3.0)
+    layer.lora_b = mx.array(rng.normal(size=(4, 12)).astype(np.float32)) * 0.3
     x = rng.normal(size=(2, 3, 16)).astype(np.float32)
     weight = np.asarray(layer.linear.weight, dtype=np.float64)
     a, b = (np.asarray(m, dtype=np.float64) for m in (layer.lora_a, layer.lora_b))
-    by_hand = x @ weight.T + 20.0 * (x @ a) @ b
+    by_hand = x @ weight.T + 3.0 * (x @ a) @ b
     if bias:
         by_hand += np.asarray(layer.linear.bias, dtype=np.float64)
     ours = lora_linear(layer, mx.array(x))
     assert ours.dtype == mx.float32
     assert np.abs(np.asarray(ours) - by_hand).max() < 1e-4 * np.abs(by_hand).max()
+
+
+@pytest.mark.parametrize("base_dtype", [mx.bfloat16, mx.float32])
+def test_lora_linear_in_half_precision_has_mlx_lms_dtype_within_its_rounding(base_dtype):
+    layer = LoRALinear.from_base(nn.Linear(64, 32), r=4, scale=3.0)  # float32 adapters
+    layer.linear.set_dtype(base_dtype)
+    layer.lora_b = mx.random.normal((4, 32), key=mx.random.key(4)) * 0.3
+    x = mx.random.normal((2, 5, 64), key=mx.random.key(5)).astype(mx.bfloat16)
+    ours, theirs = lora_linear(layer, x), MLX_LM_LORA_LINEAR(layer, x)
+    assert ours.dtype == theirs.dtype
+    both = mx.stack([ours, theirs]).astype(mx.float32)
+    assert mx.abs(both[0] - both[1]).max().item() <= 2 ** -7 * mx.abs(both[1]).max().item()
 
 
 def test_lora_linear_keeps_mlx_lms_dropout_in_training_mode():
@@ -206,6 +219,16 @@ def test_rollouts_use_them_and_put_mlx_lms_back(tiny_model_dir, monkeypatch):
         assert qwen2.scaled_dot_product_attention is not base.scaled_dot_product_attention
         assert LoRALinear.__call__ is not MLX_LM_LORA_LINEAR
         raise RuntimeError("a failing rollout")
+    assert mlx_lms_in_place()
+
+
+def test_a_block_inside_a_block_leaves_ours_in_place(tiny_model_dir):
+    model, _ = mlx_lm.load(str(tiny_model_dir))
+    with kernels_for(model):
+        with kernels_for(model):
+            pass
+        assert qwen2.swiglu is not activations.swiglu
+        assert LoRALinear.__call__ is not MLX_LM_LORA_LINEAR
     assert mlx_lms_in_place()
 
 
