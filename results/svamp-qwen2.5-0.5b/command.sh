@@ -16,9 +16,11 @@
 # planner would probe new shapes inside some steps and add minutes to them).
 # The first arm to start scores the base model (all 300) before it trains; the other waits for
 # that and comes in with --resume, which starts an arm without a checkpoint from step 0.
-# Each arm checkpoints every step: `bash command.sh pair1 --resume` continues both (after any
-# stop); `bash command.sh table` writes the table and plot over every finished arm.
+# Each arm checkpoints every step. Sessions 6-7 ran `pair1`; from session 8 on,
+# `bash command.sh rest` continues whatever is unfinished, two arms at a time (after any stop);
+# `bash command.sh table` writes the table and plot over every finished arm.
 set -e
+SELF=$(realpath "$0")
 cd /work/main
 # Every arm runs the package as of commit 6120d50 (session 7 on: a worktree of it first on the
 # import path), so later changes to the code (e.g. faster rollouts) cannot favour the arms
@@ -48,6 +50,12 @@ case "${1:-}" in
   # bash command.sh one s-grpo
   one)   shift; name="$1"; shift; base_scored
          arm --algos "$name" --resume "$@" >> "/work/runs/svamp-qwen-compare.${name//[:=]/_}.log" 2>&1 ;;
+  # What is left of the four arms, two slots at a time (finished arms are skipped at once):
+  # each slot moves on to its next arm as soon as its current one finishes.
+  rest)  shift
+         { bash "$SELF" one t-spmo "$@"; bash "$SELF" one s-grpo "$@"; } &
+         { bash "$SELF" one grpo "$@"; bash "$SELF" one t-spmo:tspmo-replay=6 "$@"; } &
+         wait ;;
   table) shift; arm --algos grpo,s-grpo,t-spmo,t-spmo:tspmo-replay=6 --resume "$@" ;;
-  *) echo "usage: bash command.sh pair1|pair2|one ARM|table [--resume]"; exit 2 ;;
+  *) echo "usage: bash command.sh pair1|pair2|one ARM|rest|table [--resume]"; exit 2 ;;
 esac
