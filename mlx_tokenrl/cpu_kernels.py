@@ -94,9 +94,9 @@ def lora_linear(self, x):
     """mlx-lm's `LoRALinear` forward, linear(x) + scale * (dropout(x) A) B, with the
     product by B, its scale and the sum in one op (in half precision it rounds once, where
     mlx-lm rounds the scaled product and then the sum)."""
-    base = self.linear(x)
+    frozen = self.linear(x)
     low_rank = self.dropout(x) @ self.lora_a
-    return mx.addmm(base, low_rank, self.lora_b, alpha=self.scale).astype(base.dtype)
+    return mx.addmm(frozen, low_rank, self.lora_b, alpha=self.scale).astype(frozen.dtype)
 
 
 MLX_LM_LORA_LINEAR = LoRALinear.__call__  # mlx-lm's own, for tests and benchmarks to compare
