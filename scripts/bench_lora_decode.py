@@ -15,13 +15,11 @@ import json
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx_tokenrl  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import mlx_lm
-from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tuner.lora import LoRALinear
 from rich.console import Console
 
@@ -29,6 +27,7 @@ from mlx_tokenrl import backend, cpu_kernels
 from mlx_tokenrl.models import add_lora
 from mlx_tokenrl.toy import SHAPE_135M, SHAPE_QWEN_0_5B, build_toy_model
 
+from bench_rollout import decode_seconds
 from tables import markdown_table, print_table
 
 SHAPES = {"135m": SHAPE_135M, "qwen0.5b": SHAPE_QWEN_0_5B}
@@ -36,17 +35,6 @@ SHAPES = {"135m": SHAPE_135M, "qwen0.5b": SHAPE_QWEN_0_5B}
 COLUMNS = {"plain": ("no LoRA ms", None),
            "mlx_lm": ("mlx-lm's LoRALinear ms", cpu_kernels.MLX_LM_LORA_LINEAR),
            "ours": ("ours ms", cpu_kernels.lora_linear)}
-
-
-def step_seconds(model, rows: int, prompt: int, steps: int) -> float:
-    """Mean seconds of one decode step after a prefill of `prompt` tokens."""
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.zeros((rows, prompt), dtype=mx.int32), cache=cache))
-    token = mx.zeros((rows, 1), dtype=mx.int32)
-    start = time.perf_counter()
-    for _ in range(steps):
-        mx.eval(model(token, cache=cache))
-    return (time.perf_counter() - start) / steps
 
 
 def main():
@@ -90,7 +78,8 @@ def main():
                     if forward is not None:
                         LoRALinear.__call__ = forward
                     model = plain if forward is None else adapted
-                    seconds = step_seconds(model, rows, args.prompt_tokens, args.steps)
+                    seconds = decode_seconds(model, rows, args.prompt_tokens,
+                                             args.steps) / args.steps
                 best[key] = min(best.get(key, float("inf")), seconds)
         rows_out.append({"rows": rows, **{f"{key}_ms": 1e3 * s for key, s in best.items()},
                          "mlx_lm_overhead": best["mlx_lm"] / best["plain"] - 1,
