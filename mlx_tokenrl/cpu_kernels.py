@@ -1,5 +1,4 @@
-"""SwiGLU, attention and LoRA layers for rollouts on MLX's CPU backend, where `exp` is slow
-and every op costs dispatch time.
+"""SwiGLU and attention for rollouts on MLX's CPU backend, where `exp` is slow.
 
 MLX's CPU exp (and the sigmoid and softmax built on it) runs about 19 ns per element, an
 order of magnitude slower than numpy's vectorised exp. In a decode step of the 0.5B at 32
@@ -10,16 +9,11 @@ exponent bits) and compiled into one kernel, SwiGLU takes 0.4 ms instead of 2.5 
 within 1e-5 of mlx-lm's in float32 (in half precision it rounds once, where mlx-lm rounds
 twice: one ulp apart at most); attention at 450 positions ~3.7 ms instead of ~7.6 ms.
 
-A LoRA layer adds its low-rank product with one `addmm` where mlx-lm's runs a matmul, a
-scale and an add: rank-8 adapters on every linear layer are 168 layers in the 0.5B, and on
-the CPU each op costs dispatch time (`scripts/bench_lora_decode.py` measures the difference).
-
 Only rollouts use them: the bit trick has no gradient in MLX, and the loss must
 differentiate the model's own function. mlx-lm's families call `swiglu` and
 `scaled_dot_product_attention` from their module's namespace, so for a rollout those names
-are pointed at these and put back afterwards (for LoRA, the `__call__` of mlx-lm's class);
-on a GPU (Metal, where exp is fast) and for families that do not call mlx-lm's functions
-nothing changes.
+are pointed at these and put back afterwards; on a GPU (Metal, where exp is fast) and for
+families that do not call mlx-lm's functions nothing changes.
 """
 
 import sys
@@ -27,7 +21,6 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 from mlx_lm.models import activations, base
-from mlx_lm.tuner.lora import LoRALinear
 
 LOG2_E = 1.4426950408889634
 # 2^f for |f| <= 1/2: Taylor coefficients of exp(f ln 2); degree 6 leaves 1.2e-7.
@@ -90,18 +83,6 @@ def _attention(queries, keys, values, mask, scale):
     return out.reshape(batch, heads, length, dim)
 
 
-def lora_linear(self, x):
-    """mlx-lm's `LoRALinear` forward, linear(x) + scale * (dropout(x) A) B, with the
-    product by B, its scale and the sum in one op (in half precision it rounds once, where
-    mlx-lm rounds the scaled product and then the sum)."""
-    frozen = self.linear(x)
-    low_rank = self.dropout(x) @ self.lora_a
-    return mx.addmm(frozen, low_rank, self.lora_b, alpha=self.scale).astype(frozen.dtype)
-
-
-MLX_LM_LORA_LINEAR = LoRALinear.__call__  # mlx-lm's own, for tests and benchmarks to compare
-
-
 def family_module(model):
     """The mlx-lm module of the model's outermost class (a family that wraps another's
     blocks, e.g. mistral3, is then left as it is: its module has no swiglu)."""
@@ -120,20 +101,15 @@ SWAPS = {"swiglu": (activations.swiglu, "swiglu"),
 @contextmanager
 def cpu_kernels(model):
     """Within the block, the model's family uses this module's swiglu and attention where
-    it calls mlx-lm's, and LoRA layers this module's forward (CPU only)."""
-    on_cpu = mx.default_device() == mx.cpu
+    it calls mlx-lm's (CPU only)."""
     module = family_module(model)
-    swapped = [] if not on_cpu else [
+    swapped = [] if mx.default_device() != mx.cpu else [
         name for name, (theirs, _) in SWAPS.items() if getattr(module, name, None) is theirs]
-    # Ours are looked up at entry, so a test can count calls by replacing them in this module.
     for name in swapped:
+        # Looked up at entry, so a test can count calls by replacing ours in this module.
         setattr(module, name, globals()[SWAPS[name][1]])
-    lora_before = LoRALinear.__call__  # put back as found: a block inside a block keeps ours
-    if on_cpu:
-        LoRALinear.__call__ = lora_linear
     try:
         yield
     finally:
         for name in swapped:
             setattr(module, name, SWAPS[name][0])
-        LoRALinear.__call__ = lora_before

@@ -78,8 +78,7 @@ def ours_before(model, tokenizer, prompts, group, params):
 
 
 def ours_without_kernels(model, tokenizer, prompts, group, params):
-    """Today's rollout with mlx-lm's own SwiGLU and attention (no CPU kernel swapped in; the
-    models here have no LoRA layers)."""
+    """Today's rollout with mlx-lm's own SwiGLU and attention (no CPU kernel swapped in)."""
     with patch.dict(cpu_kernels.SWAPS, clear=True):
         return ours(model, tokenizer, prompts, group, params)
 
@@ -94,24 +93,17 @@ def mlx_lm_batch(model, tokenizer, prompts, group, params):
     return sum(len(t) for t in response.token_ids)
 
 
-def decode_seconds(model, rows: int, prompt_tokens: int, steps: int) -> float:
-    """Seconds of `steps` decode steps of a plain batched forward with `rows` rows, after a
-    prefill of `prompt_tokens` positions that is not timed."""
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.zeros((rows, prompt_tokens), dtype=mx.int32), cache=cache))
-    step = mx.zeros((rows, 1), dtype=mx.int32)
-    mx.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        mx.eval(model(step, cache=cache))
-    return time.perf_counter() - start
-
-
 def forward_only(model, prompts, group, params):
     """Time only decode steps of a plain batched forward: the prefill is not part of it."""
     rows = len(prompts) * group
-    seconds = decode_seconds(model, rows, max(len(p) for p in prompts), params.max_new_tokens)
-    return rows * params.max_new_tokens, seconds
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.zeros((rows, max(len(p) for p in prompts)), dtype=mx.int32), cache=cache))
+    step = mx.zeros((rows, 1), dtype=mx.int32)
+    mx.synchronize()
+    start = time.perf_counter()
+    for _ in range(params.max_new_tokens):
+        mx.eval(model(step, cache=cache))
+    return rows * params.max_new_tokens, time.perf_counter() - start
 
 
 def best_time(fn, repeats: int = 5) -> float:

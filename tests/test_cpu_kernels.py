@@ -3,18 +3,13 @@ mlx-lm's) within float32 rounding, used only inside rollouts on the CPU, and mlx
 put back afterwards."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx_lm
 import numpy as np
 import pytest
 from mlx_lm.models import activations, base, qwen2
-from mlx_lm.tuner.lora import LoRALinear
 
 from mlx_tokenrl import cpu_kernels
-from mlx_tokenrl.cpu_kernels import (MLX_LM_LORA_LINEAR, attention, exp2, lora_linear,
-                                     swiglu)
-from mlx_tokenrl.cpu_kernels import cpu_kernels as kernels_for
-from mlx_tokenrl.models import add_lora
+from mlx_tokenrl.cpu_kernels import attention, cpu_kernels as kernels_for, exp2, swiglu
 from mlx_tokenrl.rollout import SamplingParams, generate_tokens
 from mlx_tokenrl.toy import tiny_family_model
 
@@ -122,72 +117,8 @@ def test_attention_leaves_what_rollouts_never_pass_to_mlx_lm(monkeypatch):
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_lora_linear_matches_a_hand_computation(bias):
-    rng = np.random.default_rng(0)
-    layer = LoRALinear.from_base(nn.Linear(16, 12, bias=bias), r=4, scale=3.0)
-    layer.lora_b = mx.array(rng.normal(size=(4, 12)).astype(np.float32)) * 0.3
-    x = rng.normal(size=(2, 3, 16)).astype(np.float32)
-    weight = np.asarray(layer.linear.weight, dtype=np.float64)
-    a, b = (np.asarray(m, dtype=np.float64) for m in (layer.lora_a, layer.lora_b))
-    by_hand = x @ weight.T + 3.0 * (x @ a) @ b
-    if bias:
-        by_hand += np.asarray(layer.linear.bias, dtype=np.float64)
-    ours = lora_linear(layer, mx.array(x))
-    assert ours.dtype == mx.float32
-    assert np.abs(np.asarray(ours) - by_hand).max() < 1e-4 * np.abs(by_hand).max()
-
-
-@pytest.mark.parametrize("base_dtype", [mx.bfloat16, mx.float32])
-def test_lora_linear_in_half_precision_has_mlx_lms_dtype_within_its_rounding(base_dtype):
-    layer = LoRALinear.from_base(nn.Linear(64, 32), r=4, scale=3.0)  # float32 adapters
-    layer.linear.set_dtype(base_dtype)
-    layer.lora_b = mx.random.normal((4, 32), key=mx.random.key(4)) * 0.3
-    x = mx.random.normal((2, 5, 64), key=mx.random.key(5)).astype(mx.bfloat16)
-    ours, theirs = lora_linear(layer, x), MLX_LM_LORA_LINEAR(layer, x)
-    assert ours.dtype == theirs.dtype
-    both = mx.stack([ours, theirs]).astype(mx.float32)
-    assert mx.abs(both[0] - both[1]).max().item() <= 2 ** -7 * mx.abs(both[1]).max().item()
-
-
-def test_lora_linear_keeps_mlx_lms_dropout_in_training_mode():
-    layer = LoRALinear.from_base(nn.Linear(16, 12), r=4, dropout=0.5, scale=20.0)
-    layer.lora_b = mx.ones((4, 12)) * 0.1
-    layer.train()
-    x = mx.random.normal((2, 3, 16), key=mx.random.key(2))
-    mx.random.seed(7)
-    ours = lora_linear(layer, x)
-    mx.random.seed(7)
-    theirs = MLX_LM_LORA_LINEAR(layer, x)
-    assert mx.abs(ours - theirs).max().item() < 1e-5
-    layer.eval()
-    assert mx.abs(ours - lora_linear(layer, x)).max().item() > 1e-3  # dropout did act
-
-
-def lora_model(path):
-    model, tok = mlx_lm.load(str(path))
-    add_lora(model, {"num_layers": -1, "lora_parameters": {"rank": 4, "scale": 20.0,
-                                                            "dropout": 0.0}})
-    for module in model.modules():
-        if isinstance(module, LoRALinear):  # mlx-lm starts B at zero: the product would vanish
-            module.lora_b = mx.random.normal(module.lora_b.shape, key=mx.random.key(1)) * 0.05
-    return model, tok
-
-
-def test_rollouts_with_lora_take_the_same_greedy_tokens(tiny_model_dir):
-    model, tok = lora_model(tiny_model_dir)
-    params = SamplingParams(0.0, 1.0, 12)
-    prompts = [[1, 2, 3, 4], [5, 6]]
-    ours, _ = generate_tokens(model, prompts, 2, params, set(tok.eos_token_ids), seeds=[0, 1])
-    with pytest.MonkeyPatch.context() as patched:
-        patched.setattr(cpu_kernels, "lora_linear", MLX_LM_LORA_LINEAR)
-        theirs, _ = generate_tokens(model, prompts, 2, params, set(tok.eos_token_ids),
-                                    seeds=[0, 1])
-    assert ours == theirs
-
-
 def counting(monkeypatch):
-    calls = {"swiglu": 0, "attention": 0, "lora_linear": 0}
+    calls = {"swiglu": 0, "attention": 0}
 
     def counted(name, function):
         def call(*args, **kwargs):
@@ -197,27 +128,24 @@ def counting(monkeypatch):
 
     counted("swiglu", swiglu)
     counted("attention", attention)
-    counted("lora_linear", lora_linear)
     return calls
 
 
 def mlx_lms_in_place():
     return (qwen2.swiglu is activations.swiglu
-            and qwen2.scaled_dot_product_attention is base.scaled_dot_product_attention
-            and LoRALinear.__call__ is MLX_LM_LORA_LINEAR)
+            and qwen2.scaled_dot_product_attention is base.scaled_dot_product_attention)
 
 
 def test_rollouts_use_them_and_put_mlx_lms_back(tiny_model_dir, monkeypatch):
-    model, tok = lora_model(tiny_model_dir)
+    model, tok = mlx_lm.load(str(tiny_model_dir))
     calls = counting(monkeypatch)
     generate_tokens(model, [[1, 2, 3]], 2, SamplingParams(0.0, 1.0, 3), set(tok.eos_token_ids),
                     seeds=[0])
-    assert all(calls.values())  # the family and its LoRA layers called ours in the rollout
+    assert calls["swiglu"] and calls["attention"]  # the family called ours in the rollout
     assert mlx_lms_in_place()
     with pytest.raises(RuntimeError), kernels_for(model):
         assert qwen2.swiglu is not activations.swiglu
         assert qwen2.scaled_dot_product_attention is not base.scaled_dot_product_attention
-        assert LoRALinear.__call__ is not MLX_LM_LORA_LINEAR
         raise RuntimeError("a failing rollout")
     assert mlx_lms_in_place()
 
@@ -228,7 +156,6 @@ def test_a_block_inside_a_block_leaves_ours_in_place(tiny_model_dir):
         with kernels_for(model):
             pass
         assert qwen2.swiglu is not activations.swiglu
-        assert LoRALinear.__call__ is not MLX_LM_LORA_LINEAR
     assert mlx_lms_in_place()
 
 
