@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import atomic_write_bytes, latest_checkpoint
 from .compare_plot import ArmCurves, BaseReference, save_figure
 from .config import ALGOS, ConfigError, TrainConfig, at_least, coerce, config_from_dict
 from .evaluate import evaluate, write_eval
@@ -77,6 +77,13 @@ def read_metrics(run_dir: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_whole(path: Path, text: str):
+    """Replace `path` in one step: a crash mid-write must not leave part of a file that
+    --resume reads (a final_eval.json marks its arm finished), and arms of one compare may run
+    as separate processes at once, which all write compare_config.json."""
+    atomic_write_bytes(path, text.encode())
+
+
 def evaluate_arm(cfg: TrainConfig, adapter, eval_limit: int, out: Path, on_progress=None,
                  lora_arms=()) -> dict:
     """Score a model (with `adapter`) and write its evaluation into `out`. `lora_arms`: arm
@@ -92,7 +99,7 @@ def evaluate_arm(cfg: TrainConfig, adapter, eval_limit: int, out: Path, on_progr
     summary, records = evaluate(model, tokenizer, task, examples,
                                 max_new_tokens=cfg.max_new_tokens, on_progress=on_progress)
     write_eval(out / "eval", summary, records)
-    (out / "final_eval.json").write_text(json.dumps(summary, indent=2))
+    write_whole(out / "final_eval.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -185,7 +192,7 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
             else evaluate_arm(cfg, cfg.adapter_path, final_limit, base_dir, on_eval,
                               lora_arms=[arm_cfg for _, arm_cfg in arms]))
     settings = {"config": cfg.__dict__, "final_eval_limit": final_limit}
-    (out / "compare_config.json").write_text(json.dumps(
+    write_whole(out / "compare_config.json", json.dumps(
         {**settings, "algos": [name for name, _ in arms]}, indent=2))
     rows.append(arm_row("base", base, [], None))
     for name, arm_cfg in arms:
@@ -200,8 +207,8 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
             evaluate_arm(arm_cfg, arm_dir, final_limit, arm_dir, on_eval)
         summary = json.loads(done.read_text())
         rows.append(arm_row(name, summary, read_metrics(arm_dir), base["accuracy"]))
-    (out / "compare.json").write_text(json.dumps({**settings, "rows": rows}, indent=2))
-    (out / "compare.md").write_text(markdown_table(rows))
+    write_whole(out / "compare.json", json.dumps({**settings, "rows": rows}, indent=2))
+    write_whole(out / "compare.md", markdown_table(rows))
     # The base line is drawn on the examples the curves were scored on.
     plot(out, [(name, Path(arm_cfg.out)) for name, arm_cfg in arms],
          cfg.eval_limit if cfg.eval_every else final_limit)

@@ -1,5 +1,7 @@
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -50,6 +52,32 @@ def test_compare_writes_table_json_plot_and_resumes(tiny_model_dir, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
         (out / "compare_config.json").unlink(missing_ok=True)
     assert stamps == {a: (out / a / "final_eval.json").stat().st_mtime_ns for a in stamps}
+
+
+def test_a_crash_while_an_arm_records_its_finish_leaves_it_unfinished(tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    """final_eval.json marks an arm finished for --resume: a crash while it is written (here:
+    before its bytes are in place) must leave no file rather than part of one."""
+    out = tmp_path / "cmp"
+    args = ["compare", "multiply", "--digits", "1x1", "--model", str(tiny_model_dir),
+            "--algos", "grpo", "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+            "--max-new-tokens", "4", "--eval-limit", "3", "--out", str(out)]
+    real_replace = os.replace
+
+    def crash_on_the_arms_finish(src, dst):
+        if Path(dst) == out / "grpo" / "final_eval.json":
+            raise OSError("the machine went down")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_arms_finish)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "the machine went down" in result.stderr
+    assert not (out / "grpo" / "final_eval.json").exists()
+    assert json.loads((out / "compare_config.json").read_text())["algos"] == ["grpo"]
+    monkeypatch.setattr(os, "replace", real_replace)
+    result = CliRunner().invoke(app, args + ["--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "grpo" / "final_eval.json").read_text())["n"] == 3
 
 
 def test_final_eval_limit_is_checked_before_any_model_work(tmp_path):
