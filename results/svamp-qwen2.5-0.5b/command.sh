@@ -19,6 +19,12 @@
 # Each arm checkpoints every step. Sessions 6-7 ran `pair1`; from session 8 on,
 # `bash command.sh rest` continues whatever is unfinished, two arms at a time (after any stop);
 # `bash command.sh table` writes the table and plot over every finished arm.
+# A second seed (issue 14, deliverable 4): SEED=1 before any mode runs it into
+# /work/runs/svamp-qwen-compare-seed1 (logs svamp-qwen-compare-seed1.<arm>.log), e.g.
+#   SEED=1 bash command.sh pair grpo t-spmo      (two arms side by side, as pair1)
+#   SEED=1 bash command.sh table grpo,t-spmo
+# SVAMP's test split does not depend on the seed and the base is scored greedily, so a
+# seed-1 compare starts from a copy of seed 0's base evaluation instead of repeating it.
 set -e
 SELF=$(realpath "$0")
 cd /work/main
@@ -28,15 +34,21 @@ cd /work/main
 # compare/STATUS).
 CODE=/work/runs/compare-code
 [ -d "$CODE" ] || git worktree add --detach "$CODE" 6120d50
+SEED=${SEED:-0}
+OUT=/work/runs/svamp-qwen-compare
+[ "$SEED" = 0 ] || OUT=$OUT-seed$SEED
 arm() {
   PYTHONPATH="$CODE" OPENBLAS_NUM_THREADS=1 .venv/bin/tokenrl-mlx compare svamp --data ../shared/data/svamp \
     --model /work/models/qwen2.5-coder-0.5b --steps 20 --prompts-per-step 4 --group-size 8 \
     --max-new-tokens 300 --temperature 0.6 --lr 5e-6 --eval-every 5 --eval-limit 100 \
-    --final-eval-limit 300 --microbatch-rows 2 --save-every 1 --seed 0 \
-    --out /work/runs/svamp-qwen-compare "$@"
+    --final-eval-limit 300 --microbatch-rows 2 --save-every 1 --seed "$SEED" \
+    --out "$OUT" "$@"
 }
 base_scored() {
-  until [ -f /work/runs/svamp-qwen-compare/base/final_eval.json ]; do sleep 60; done
+  if [ "$SEED" != 0 ] && [ ! -f "$OUT/base/final_eval.json" ]; then
+    mkdir -p "$OUT/base" && cp /work/runs/svamp-qwen-compare/base/final_eval.json "$OUT/base/"
+  fi
+  until [ -f "$OUT/base/final_eval.json" ]; do sleep 60; done
 }
 case "${1:-}" in
   pair1) shift; arm --algos t-spmo "$@" >> /work/runs/svamp-qwen-compare.t-spmo.log 2>&1 &
@@ -49,13 +61,22 @@ case "${1:-}" in
   # One arm by itself (--resume), to start the next arm as soon as one of a pair finishes:
   # bash command.sh one s-grpo
   one)   shift; name="$1"; shift; base_scored
-         arm --algos "$name" --resume "$@" >> "/work/runs/svamp-qwen-compare.${name//[:=]/_}.log" 2>&1 ;;
+         arm --algos "$name" --resume "$@" >> "$OUT.${name//[:=]/_}.log" 2>&1 ;;
+  # Two arms side by side, each in its own slot: bash command.sh pair grpo t-spmo
+  # The second slot starts 2 minutes after the first, here and in `rest`: the pinned code
+  # writes compare_config.json in place, and two arms starting together garbled it once
+  # (session 8; the package writes it in one step since 00d48e6).
+  pair)  shift; a="$1"; b="$2"; shift 2
+         bash "$SELF" one "$a" "$@" &
+         sleep 120; bash "$SELF" one "$b" "$@" &
+         wait ;;
   # What is left of the four arms, two slots at a time (finished arms are skipped at once):
   # each slot moves on to its next arm as soon as its current one finishes.
   rest)  shift
          { bash "$SELF" one t-spmo "$@"; bash "$SELF" one s-grpo "$@"; } &
-         { bash "$SELF" one grpo "$@"; bash "$SELF" one t-spmo:tspmo-replay=6 "$@"; } &
+         { sleep 120; bash "$SELF" one grpo "$@"; bash "$SELF" one t-spmo:tspmo-replay=6 "$@"; } &
          wait ;;
-  table) shift; arm --algos grpo,s-grpo,t-spmo,t-spmo:tspmo-replay=6 --resume "$@" ;;
-  *) echo "usage: bash command.sh pair1|pair2|one ARM|rest|table [--resume]"; exit 2 ;;
+  table) shift; arms="${1:-grpo,s-grpo,t-spmo,t-spmo:tspmo-replay=6}"; shift || true
+         arm --algos "$arms" --resume "$@" ;;
+  *) echo "usage: [SEED=N] bash command.sh pair1|pair2|one ARM|pair ARM ARM|rest|table [ARMS]"; exit 2 ;;
 esac
