@@ -34,6 +34,9 @@ cd /work/main
 # compare/STATUS).
 CODE=/work/runs/compare-code
 [ -d "$CODE" ] || git worktree add --detach "$CODE" 6120d50
+# The package installs cli/ as tokenrl_cli: without this link the CLI layer would come from the
+# editable install in /work/main (unchanged since 6120d50 up to session 8, pinned from then on).
+[ -e "$CODE/tokenrl_cli" ] || ln -s cli "$CODE/tokenrl_cli"
 SEED=${SEED:-0}
 OUT=/work/runs/svamp-qwen-compare
 [ "$SEED" = 0 ] || OUT=$OUT-seed$SEED
