@@ -42,11 +42,15 @@ def adapter_weights(model) -> dict:
 
 def atomic_write_bytes(path: Path, data: bytes):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write leaves neither the file nor its temporary copy
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def atomic_save_safetensors(path: Path, arrays: dict):

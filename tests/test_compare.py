@@ -73,6 +73,7 @@ def test_a_crash_while_an_arm_records_its_finish_leaves_it_unfinished(tiny_model
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and "the machine went down" in result.stderr
     assert not (out / "grpo" / "final_eval.json").exists()
+    assert not list((out / "grpo").glob(".final_eval.json*"))  # nor a temporary copy of it
     assert json.loads((out / "compare_config.json").read_text())["algos"] == ["grpo"]
     monkeypatch.setattr(os, "replace", real_replace)
     result = CliRunner().invoke(app, args + ["--resume"])

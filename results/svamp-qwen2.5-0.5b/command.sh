@@ -18,7 +18,8 @@
 # that and comes in with --resume, which starts an arm without a checkpoint from step 0.
 # Each arm checkpoints every step. Sessions 6-7 ran `pair1`; from session 8 on,
 # `bash command.sh rest` continues whatever is unfinished, two arms at a time (after any stop);
-# `bash command.sh table` writes the table and plot over every finished arm.
+# `bash command.sh table [ARMS]` writes the table and plot over ARMS (default: all four). Name
+# only finished arms while others train: `compare --resume` would train an unfinished one.
 # A second seed (issue 14, deliverable 4): SEED=1 before any mode runs it into
 # /work/runs/svamp-qwen-compare-seed1 (logs svamp-qwen-compare-seed1.<arm>.log), e.g.
 #   SEED=1 bash command.sh pair grpo t-spmo      (two arms side by side, as pair1)
@@ -37,7 +38,7 @@ CODE=/work/runs/compare-code
 # The package installs cli/ as tokenrl_cli: without this link the CLI layer would come from the
 # editable install in /work/main (unchanged since 6120d50 up to session 8, pinned from then on).
 [ -e "$CODE/tokenrl_cli" ] || ln -s cli "$CODE/tokenrl_cli"
-SEED=${SEED:-0}
+export SEED=${SEED:-0}  # the slots' own `bash command.sh one ...` read it too
 OUT=/work/runs/svamp-qwen-compare
 [ "$SEED" = 0 ] || OUT=$OUT-seed$SEED
 arm() {
@@ -48,8 +49,9 @@ arm() {
     --out "$OUT" "$@"
 }
 base_scored() {
-  if [ "$SEED" != 0 ] && [ ! -f "$OUT/base/final_eval.json" ]; then
-    mkdir -p "$OUT/base" && cp /work/runs/svamp-qwen-compare/base/final_eval.json "$OUT/base/"
+  if [ "$SEED" != 0 ] && [ ! -d "$OUT/base" ]; then  # the table and plot read base/eval too
+    mkdir -p "$OUT" && cp -r /work/runs/svamp-qwen-compare/base "$OUT/base.copy.$BASHPID" \
+      && { mv -T "$OUT/base.copy.$BASHPID" "$OUT/base" 2>/dev/null || rm -rf "$OUT/base.copy.$BASHPID"; }
   fi
   until [ -f "$OUT/base/final_eval.json" ]; do sleep 60; done
 }
