@@ -133,8 +133,38 @@ def make_microbatches(loss_rows, triples, weights, rows_per_batch: int):
         key = tuple(row.context)
         longest[key] = max(longest.get(key, 0), len(row.context) + len(row.crop))
     rows.sort(key=lambda row: (-longest[tuple(row.context)], tuple(row.context), -len(row.crop)))
-    return [pack_microbatch(rows[start:start + rows_per_batch])
-            for start in range(0, len(rows), rows_per_batch)]
+    return [pack_microbatch(part) for part in even_parts(rows, rows_per_batch)]
+
+
+def positions(rows) -> int:
+    """Token positions a microbatch of `rows` runs (padding aside): each context once, then
+    every row's crop."""
+    return sum(len(c) for c in {tuple(row.context) for row in rows}) + sum(len(r.crop) for r in rows)
+
+
+def even_parts(rows, rows_per_batch: int) -> list:
+    """`rows` cut in order into as few microbatches as `rows_per_batch` allows, where the
+    largest one runs the fewest positions. The largest microbatch sets the loss's peak memory,
+    and in longest-first order cutting every `rows_per_batch` rows fills the first one most
+    (T-SPMO: a few rows, each with a long replay context). Binary search on that largest
+    number of positions; for a given bound, filling each microbatch as far as it allows
+    gives the fewest microbatches."""
+    most = -(-len(rows) // rows_per_batch)
+
+    def cut(bound):
+        parts = [[]]
+        for row in rows:
+            if parts[-1] and (len(parts[-1]) == rows_per_batch
+                              or positions(parts[-1] + [row]) > bound):
+                parts.append([])
+            parts[-1].append(row)
+        return parts
+
+    low, high = max((positions([row]) for row in rows), default=0), positions(rows)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(cut(middle)) <= most else (middle + 1, high)
+    return cut(high) if rows else []
 
 
 def passes(lengths) -> list:

@@ -16,6 +16,8 @@ Each step's rows are computed both ways, in alternating order; the first step co
 import argparse
 import hashlib
 import json
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -169,17 +171,6 @@ def model_described(args) -> str:
             f"of {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens")
 
 
-def command_line(args) -> str:
-    flags = [f"--model {args.model}" if args.model else "",
-             f"--max-new-tokens {args.max_new_tokens}" if args.max_new_tokens != 128 else "",
-             f"--variants {args.variants}" if args.variants != "shared,before" else "",
-             f"--before {args.before}" if args.before != PER_ROW else "",
-             f"--steps {args.steps}" if args.steps != 2 else "",
-             f"--microbatch-rows {args.microbatch_rows}" if args.microbatch_rows != 8 else "",
-             f"--out {args.out}"]
-    return " ".join(["python scripts/bench_step.py"] + [f for f in flags if f])
-
-
 def algo_table(results):
     """Header and rows: each algorithm's step with the trainer's (shared-context) loss."""
     ratios = versus_grpo(results)
@@ -211,7 +202,8 @@ def before_table(results, commit):
 def write_markdown(path: Path, args, results, weights_gb):
     lines = [
         "# RL step cost per algorithm", "",
-        f"`{command_line(args)}` (MLX {mx.__version__}, OpenBLAS, 2-core Linux CPU, float32; "
+        f"`python scripts/bench_step.py {shlex.join(sys.argv[1:])}` (MLX {mx.__version__}, "
+        f"OpenBLAS, 2-core Linux CPU, float32; "
         f"{args.conditions}): {model_described(args)}, B={args.prompts_per_step} prompts x "
         f"G={args.group_size}, {args.max_new_tokens} new tokens, LoRA rank 8 on every linear "
         f"layer, microbatch {args.microbatch_rows} rows, default settings otherwise (S-GRPO "

@@ -1,3 +1,5 @@
+import itertools
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -6,9 +8,10 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import llama
 
 from mlx_tokenrl import loss as loss_module
-from mlx_tokenrl.loss import (LossRow, attach_ref_logprobs, check_selected_logprobs,
-                              lora_disabled, make_loss_and_grad, make_microbatches,
-                              normalisation_weights, selected_logprobs)
+from mlx_tokenrl.loss import (ForwardRow, LossRow, Pick, attach_ref_logprobs,
+                              check_selected_logprobs, even_parts, lora_disabled,
+                              make_loss_and_grad, make_microbatches, normalisation_weights,
+                              selected_logprobs)
 from mlx_tokenrl.models import ModelLoadError, add_lora, lora_config
 from mlx_tokenrl.toy import TINY, tiny_family_model
 
@@ -112,6 +115,69 @@ def test_shared_prefixes_share_a_forward_row(lora_model):
     assert len(batches) == 1  # and in it rows 0 and 2 only:
     assert sum(t.shape[0] for t in batches[0].inputs) == 2
     assert_matches_full_logits_reference(lora_model, batches, rows, triples, weights)
+
+
+def forward_row(context_token, context_length, crop_length):
+    return ForwardRow([context_token] * context_length, [1] * (crop_length + 1),
+                      [Pick(crop_length, 1, 1.0, 1.0)])
+
+
+def run_positions(part):
+    """By hand: each distinct context once, every row's crop."""
+    contexts = {tuple(row.context): len(row.context) for row in part}
+    return sum(contexts.values()) + sum(len(row.completion) - 1 for row in part)
+
+
+def test_microbatches_are_cut_where_the_largest_runs_fewest_positions():
+    """One long context (100) and two short ones (20, rows of 10 tokens), 4 rows a microbatch:
+    cutting every 4 rows runs 100+10 + 20+3*10 = 160 positions in the first; cutting after
+    the third row runs 150 and 80, and no cut into two does better."""
+    rows = ([forward_row(7, 100, 10)] + [forward_row(8, 20, 10) for _ in range(4)]
+            + [forward_row(9, 20, 10) for _ in range(2)])
+    parts = even_parts(rows, 4)
+    assert [len(p) for p in parts] == [3, 4]
+    assert [run_positions(p) for p in parts] == [150, 80]
+
+
+def test_the_loss_runs_those_microbatches():
+    """The same case through make_microbatches (rows as the trainer gives them, in any
+    order): its microbatches hold 3 and 4 rows, not 4 and 3."""
+    lengths = [(7, 100)] + [(8, 20)] * 4 + [(9, 20)] * 2
+    rows = [LossRow([token] * length, [100 + i] * 11) for i, (token, length) in enumerate(lengths)]
+    order = [3, 6, 0, 1, 5, 2, 4]
+    triples = [(row, 10, 1.0) for row in order]
+    batches = make_microbatches(rows, triples, np.ones(len(triples), np.float32), 4)
+    assert [sum(t.shape[0] for t in batch.inputs) for batch in batches] == [3, 4]
+
+
+def best_cut_by_brute_force(rows, rows_per_batch):
+    """Every way to cut `rows` in order into ceil(n / rows_per_batch) parts of at most
+    rows_per_batch rows: the smallest largest part, in positions."""
+    most = -(-len(rows) // rows_per_batch)
+    best = None
+    for cuts in itertools.combinations(range(1, len(rows)), most - 1):
+        bounds = (0, *cuts, len(rows))
+        parts = [rows[a:b] for a, b in zip(bounds, bounds[1:])]
+        if all(len(p) <= rows_per_batch for p in parts):
+            largest = max(run_positions(p) for p in parts)
+            best = largest if best is None else min(best, largest)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_microbatch_cuts_match_a_brute_force_search(seed):
+    rng = np.random.default_rng(seed)
+    contexts = [(int(token), int(rng.integers(1, 60))) for token in range(rng.integers(1, 5))]
+    rows = []
+    for token, length in contexts:  # a context's rows together, as make_microbatches has them
+        rows += [forward_row(token, length, int(rng.integers(0, 40)))
+                 for _ in range(rng.integers(1, 5))]
+    rows_per_batch = int(rng.integers(1, 5))
+    parts = even_parts(rows, rows_per_batch)
+    assert [row for part in parts for row in part] == rows  # in order, every row once
+    assert len(parts) == -(-len(rows) // rows_per_batch)  # no more microbatches than before
+    assert all(len(p) <= rows_per_batch for p in parts)
+    assert max(run_positions(p) for p in parts) == best_cut_by_brute_force(rows, rows_per_batch)
 
 
 @pytest.fixture(params=HEADS)

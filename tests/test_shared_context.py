@@ -110,23 +110,25 @@ def test_shared_context_loss_and_grads_equal_per_row_forwards(lora_model, algo, 
 
 
 def test_microbatches_run_each_context_once_and_straddle_only_when_full():
-    """Rows of one context share a microbatch: six GRPO rows of each of two contexts, eight
-    rows per microbatch, make two microbatches: (the longer context's six rows, two of the
-    other's) and (the other's last four). Contexts are left-padded to a common end."""
+    """Rows of one context share a microbatch: six GRPO rows of each of two contexts, four
+    rows per microbatch, make three microbatches: (the longer context's first four), (its
+    last two, two of the other's) and (the other's last four). Contexts are left-padded to a
+    common end."""
     rng = np.random.default_rng(0)
     rows = [LossRow(ctx, rng.integers(3, 300, size=5).tolist(), g)
             for g, ctx in enumerate([[1, 2, 3], [4, 5, 6, 7]]) for _ in range(6)]
     triples = [(r, p, 1.0) for r in range(12) for p in range(5)]
-    first, second = make_microbatches(rows, triples, np.ones(len(triples), np.float32), 8)
-    [contexts], [padding], [inputs], [row_context] = (first.contexts, first.context_padding,
-                                                      first.inputs, first.row_context)
-    assert contexts.shape == (2, 16) and inputs.shape == (8, 16)
+    first, middle, last = make_microbatches(rows, triples, np.ones(len(triples), np.float32), 4)
+    [contexts], [padding], [inputs], [row_context] = (middle.contexts, middle.context_padding,
+                                                      middle.inputs, middle.row_context)
+    assert contexts.shape == (2, 16) and inputs.shape == (4, 16)
     assert padding.tolist() == [12, 13]  # the longer context first
     assert contexts[:, -4:].tolist() == [[4, 5, 6, 7], [0, 1, 2, 3]]
-    assert row_context.tolist() == [0] * 6 + [1] * 2
-    assert [c.shape for c in second.contexts] == [(1, 16)]
-    assert [r.shape for r in second.inputs] == [(4, 16)]
-    assert second.context_padding[0].tolist() == [13]
+    assert row_context.tolist() == [0, 0, 1, 1]
+    for batch, context_padding in ((first, 12), (last, 13)):
+        assert [c.shape for c in batch.contexts] == [(1, 16)]
+        assert [r.shape for r in batch.inputs] == [(4, 16)]
+        assert batch.context_padding[0].tolist() == [context_padding]
 
 
 def test_one_compiled_graph_serves_contexts_of_other_lengths(lora_model, monkeypatch):
