@@ -62,6 +62,11 @@ class MicroBatch:
     weights: mx.array  # (S,) float32, 0 on padding
     ref_logprobs: mx.array | None = None  # (S,) under the base model, for the KL term
 
+    @property
+    def positions(self) -> int:
+        """Token positions its forward runs, padding included: what sets its memory."""
+        return sum(tokens.size for tokens in self.contexts + self.inputs)
+
 
 @dataclass
 class Pick:
@@ -133,38 +138,43 @@ def make_microbatches(loss_rows, triples, weights, rows_per_batch: int):
         key = tuple(row.context)
         longest[key] = max(longest.get(key, 0), len(row.context) + len(row.crop))
     rows.sort(key=lambda row: (-longest[tuple(row.context)], tuple(row.context), -len(row.crop)))
-    return [pack_microbatch(part) for part in even_parts(rows, rows_per_batch)]
-
-
-def positions(rows) -> int:
-    """Token positions a microbatch of `rows` runs (padding aside): each context once, then
-    every row's crop."""
-    return sum(len(c) for c in {tuple(row.context) for row in rows}) + sum(len(r.crop) for r in rows)
+    plain = [pack_microbatch(rows[start:start + rows_per_batch])
+             for start in range(0, len(rows), rows_per_batch)]
+    even = [pack_microbatch(part) for part in even_parts(rows, rows_per_batch)]
+    # even_parts leaves out the padding of passes, which can make its largest microbatch the
+    # larger one: the other cut is kept unless this one lowers the peak.
+    return min(plain, even, key=lambda batches: max((b.positions for b in batches), default=0))
 
 
 def even_parts(rows, rows_per_batch: int) -> list:
     """`rows` cut in order into as few microbatches as `rows_per_batch` allows, where the
-    largest one runs the fewest positions. The largest microbatch sets the loss's peak memory,
-    and in longest-first order cutting every `rows_per_batch` rows fills the first one most
-    (T-SPMO: a few rows, each with a long replay context). Binary search on that largest
-    number of positions; for a given bound, filling each microbatch as far as it allows
-    gives the fewest microbatches."""
+    largest one runs the fewest positions (padding aside: each context once, every row's
+    crop). The largest microbatch sets the loss's peak memory, and in longest-first order
+    cutting every `rows_per_batch` rows fills the first one most (T-SPMO: a few rows, each
+    with a long replay context). Binary search on that largest number of positions; for a
+    given bound, filling each microbatch as far as it allows gives the fewest microbatches."""
     most = -(-len(rows) // rows_per_batch)
+    keys = [tuple(row.context) for row in rows]
+    crops = [len(row.crop) for row in rows]
 
     def cut(bound):
-        parts = [[]]
-        for row in rows:
-            if parts[-1] and (len(parts[-1]) == rows_per_batch
-                              or positions(parts[-1] + [row]) > bound):
+        parts, size, seen = [], 0, set()
+        for row, key, crop in zip(rows, keys, crops):
+            extra = crop + (0 if key in seen else len(key))
+            if not parts or len(parts[-1]) == rows_per_batch or size + extra > bound:
                 parts.append([])
+                size, seen, extra = 0, set(), crop + len(key)
             parts[-1].append(row)
+            size += extra
+            seen.add(key)
         return parts
 
-    low, high = max((positions([row]) for row in rows), default=0), positions(rows)
+    low = max((crop + len(key) for key, crop in zip(keys, crops)), default=0)
+    high = sum(crop + len(key) for key, crop in zip(keys, crops))
     while low < high:
         middle = (low + high) // 2
         low, high = (low, middle) if len(cut(middle)) <= most else (middle + 1, high)
-    return cut(high) if rows else []
+    return cut(high)
 
 
 def passes(lengths) -> list:

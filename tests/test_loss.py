@@ -118,14 +118,15 @@ def test_shared_prefixes_share_a_forward_row(lora_model):
 
 
 def forward_row(context_token, context_length, crop_length):
-    return ForwardRow([context_token] * context_length, [1] * (crop_length + 1),
-                      [Pick(crop_length, 1, 1.0, 1.0)])
+    """A row whose last selected token is at `crop_length`, of a longer completion."""
+    return ForwardRow([context_token] * context_length, [1] * (crop_length + 5),
+                      [Pick(crop_length // 2, 1, 1.0, 1.0), Pick(crop_length, 1, 1.0, 1.0)])
 
 
 def run_positions(part):
-    """By hand: each distinct context once, every row's crop."""
+    """By hand: each distinct context once, every row's tokens before its last pick."""
     contexts = {tuple(row.context): len(row.context) for row in part}
-    return sum(contexts.values()) + sum(len(row.completion) - 1 for row in part)
+    return sum(contexts.values()) + sum(max(p.pos for p in row.picks) for row in part)
 
 
 def test_microbatches_are_cut_where_the_largest_runs_fewest_positions():
@@ -148,6 +149,19 @@ def test_the_loss_runs_those_microbatches():
     triples = [(row, 10, 1.0) for row in order]
     batches = make_microbatches(rows, triples, np.ones(len(triples), np.float32), 4)
     assert [sum(t.shape[0] for t in batch.inputs) for batch in batches] == [3, 4]
+
+
+def test_the_plain_cut_stays_where_padding_would_make_the_other_larger():
+    """Context A (39 tokens) with crops of 32 and 13, context B (2) with 25, two rows a
+    microbatch. Without padding, (A32) (A13, B25) runs 71 and 79 positions against 84 and 27
+    for (A32, A13) (B25); padded to widths of 16 in passes (A's crops 32 and 13 are two
+    passes, and so are contexts 39 and 2 and crops 25 and 13) it is 80 and 112 against 96
+    and 48, so the plain cut stays."""
+    rows = [LossRow([1] * 39, [10] * 40), LossRow([1] * 39, [11] * 40), LossRow([2] * 2, [12] * 40)]
+    triples = [(0, 32, 1.0), (1, 13, 1.0), (2, 25, 1.0)]
+    batches = make_microbatches(rows, triples, np.ones(3, np.float32), 2)
+    assert [b.positions for b in batches] == [96, 48]
+    assert [sum(t.shape[0] for t in b.inputs) for b in batches] == [2, 1]
 
 
 def best_cut_by_brute_force(rows, rows_per_batch):

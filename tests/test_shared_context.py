@@ -109,11 +109,10 @@ def test_shared_context_loss_and_grads_equal_per_row_forwards(lora_model, algo, 
     assert max(float(mx.abs(g).max()) for g in ref_grads.values()) > 1e-3
 
 
-def test_microbatches_run_each_context_once_and_straddle_only_when_full():
+def test_microbatches_run_each_context_once_left_padded_to_a_common_end():
     """Rows of one context share a microbatch: six GRPO rows of each of two contexts, four
     rows per microbatch, make three microbatches: (the longer context's first four), (its
-    last two, two of the other's) and (the other's last four). Contexts are left-padded to a
-    common end."""
+    last two, two of the other's) and (the other's last four)."""
     rng = np.random.default_rng(0)
     rows = [LossRow(ctx, rng.integers(3, 300, size=5).tolist(), g)
             for g, ctx in enumerate([[1, 2, 3], [4, 5, 6, 7]]) for _ in range(6)]
