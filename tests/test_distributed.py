@@ -4,6 +4,7 @@ identical, and a dead or frozen rank (or a bad launch) ends the others with one 
 The launched tests run `mlx.launch -n 2 --backend ring` on 127.0.0.1 (loopback only).
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -276,9 +277,12 @@ def test_a_dead_or_frozen_rank_ends_the_other_within_the_bound(tiny_model_dir, d
     like) closes nothing: the survivor's watchdog stops it after max(TOKENRL_PEER_TIMEOUT,
     3 x slowest step)."""
     out = tmp_path / "run"
-    peer_timeout = 2.0
+    # Before the first step is timed the watchdog waits this long: 2 s ended healthy ranks on a
+    # busy machine (one rank's first step, with its compile, ran 2 s behind the other's).
+    peer_timeout = 6.0
     proc = launch(["tokenrl-mlx", *train_args(tiny_model_dir, dense, out, 1000, save_every=1000)],
                   TOKENRL_PEER_TIMEOUT=peer_timeout)
+    pids = []
     try:
         pids = launched_rank_pids(proc, 2)
         assert len(pids) == 2, "mlx.launch did not start two ranks"
@@ -290,8 +294,9 @@ def test_a_dead_or_frozen_rank_ends_the_other_within_the_bound(tiny_model_dir, d
         took = wait_gone(pids[0], bound + 30)
         assert took is not None and took < bound, (took, bound)
     finally:
-        if how == "freeze":
-            os.kill(pids[1], signal.SIGKILL)
+        if how == "freeze" and len(pids) == 2:
+            with contextlib.suppress(ProcessLookupError):  # not to hide why the test failed
+                os.kill(pids[1], signal.SIGKILL)
         stdout, stderr = proc.communicate(timeout=30)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 0 of 2:"), stderr
