@@ -138,12 +138,14 @@ def make_microbatches(loss_rows, triples, weights, rows_per_batch: int):
         key = tuple(row.context)
         longest[key] = max(longest.get(key, 0), len(row.context) + len(row.crop))
     rows.sort(key=lambda row: (-longest[tuple(row.context)], tuple(row.context), -len(row.crop)))
-    plain = [pack_microbatch(rows[start:start + rows_per_batch])
-             for start in range(0, len(rows), rows_per_batch)]
-    even = [pack_microbatch(part) for part in even_parts(rows, rows_per_batch)]
+    plain = [rows[start:start + rows_per_batch] for start in range(0, len(rows), rows_per_batch)]
+    even = even_parts(rows, rows_per_batch)
+    cuts = [plain] if [len(p) for p in even] == [len(p) for p in plain] else [plain, even]
     # even_parts leaves out the padding of passes, which can make its largest microbatch the
-    # larger one: the other cut is kept unless this one lowers the peak.
-    return min(plain, even, key=lambda batches: max((b.positions for b in batches), default=0))
+    # larger one: the plain cut is kept unless the other lowers the peak. (Full microbatches,
+    # as GRPO's usually are, leave one cut: it is packed once.)
+    packed = [[pack_microbatch(part) for part in cut] for cut in cuts]
+    return min(packed, key=lambda batches: max((b.positions for b in batches), default=0))
 
 
 def even_parts(rows, rows_per_batch: int) -> list:
