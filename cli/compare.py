@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mlx_tokenrl.compare import cell, run_compare
+from mlx_tokenrl.compare import cell, paired_cell, run_compare
 from mlx_tokenrl.config import ALGOS
 
 from .common import (config_parameters, console, new_config, option_parameter, report_step,
@@ -23,7 +23,8 @@ def print_tables(rows):
     cost = Table(title="training cost")
     for table in (accuracy, cost):
         table.add_column("arm", overflow="fold")  # sweep arms carry their settings in the name
-    for col in ("accuracy (95% CI)", "vs base", "format", "truncated"):
+    for col in ("accuracy (95% CI)", "vs base", "fixed/broke\n(paired p)", "format",
+                "truncated"):
         accuracy.add_column(col, justify="right")
     for col in ("steps", "loss tokens\nper step", "median\nstep s", "train s\n(total)",
                 "loss+grad\nGB", "peak\nGB"):
@@ -31,8 +32,9 @@ def print_tables(rows):
     for r in rows:
         low, high = r["ci95"]
         delta = "" if r["delta_vs_base"] is None else f"{r['delta_vs_base'] * 100:+.1f} pts"
-        accuracy.add_row(r["arm"], f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%})", delta,
-                         f"{r['format_rate']:.0%}", cell(r, "truncation_rate", ".0%"))
+        accuracy.add_row(r["arm"], f"{r['accuracy']:.1%} ({low * 100:.1f}-{high * 100:.1f})",
+                         delta, paired_cell(r), f"{r['format_rate']:.0%}",
+                         cell(r, "truncation_rate", ".0%"))
         if "step_seconds" in r:
             cost.add_row(r["arm"], str(r["steps"]), f"{r['selected_tokens_per_step']:.0f}",
                          f"{r['step_seconds']:.1f}", f"{r['train_seconds']:.1f}",

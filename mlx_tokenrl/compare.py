@@ -19,7 +19,7 @@ import numpy as np
 from .checkpoint import atomic_write_bytes, latest_checkpoint
 from .compare_plot import ArmCurves, BaseReference, save_figure
 from .config import ALGOS, ConfigError, TrainConfig, at_least, coerce, config_from_dict
-from .evaluate import evaluate, write_eval
+from .evaluate import evaluate, sign_test_p, write_eval
 from .models import check_lora_fits, load_model
 from .tasks import task_from_config
 from .trainer import no_phase, train
@@ -103,17 +103,37 @@ def evaluate_arm(cfg: TrainConfig, adapter, eval_limit: int, out: Path, on_progr
     return summary
 
 
+def read_records(run_dir: Path) -> list:
+    path = run_dir / "eval" / "examples.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def paired_vs_base(base_dir: Path, arm_dir: Path) -> dict | None:
+    """Which of the base's answers the arm fixed and which it broke, on the same examples,
+    with the paired test's p-value; None unless both scored the same questions (an older
+    compare, or another --final-eval-limit)."""
+    base, arm = read_records(base_dir), read_records(arm_dir)
+    if not base or [r["question"] for r in base] != [r["question"] for r in arm]:
+        return None
+    fixed = sum(a["correct"] and not b["correct"] for b, a in zip(base, arm))
+    broke = sum(b["correct"] and not a["correct"] for b, a in zip(base, arm))
+    return {"fixed_vs_base": fixed, "broke_vs_base": broke,
+            "paired_p_vs_base": sign_test_p(fixed, broke)}
+
+
 def every_step_has(metrics: list, key: str) -> bool:
     return bool(metrics) and all(key in m for m in metrics)
 
 
-def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None) -> dict:
-    """One arm's table row: its final evaluation and what its training steps cost. A number
-    an older run did not log is left out (the tables show n/a)."""
+def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None,
+            paired: dict | None = None) -> dict:
+    """One arm's table row: its final evaluation, how it moved from the base's answers
+    (`paired_vs_base`), and what its training steps cost. A number an older run did not log
+    is left out (the tables show n/a)."""
     row = {"arm": name, "accuracy": summary["accuracy"], "ci95": summary["ci95"],
            "n": summary["n"], "format_rate": summary["format_rate"],
            "delta_vs_base": None if base_accuracy is None else summary["accuracy"] - base_accuracy,
-           "steps": len(metrics)}
+           "steps": len(metrics), **(paired or {})}
     if "truncation_rate" in summary:
         row["truncation_rate"] = summary["truncation_rate"]
     if metrics:
@@ -206,7 +226,8 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
             train(arm_cfg, resume=started, on_step=on_step, on_phase=on_phase)
             evaluate_arm(arm_cfg, arm_dir, final_limit, arm_dir, on_eval)
         summary = json.loads(done.read_text())
-        rows.append(arm_row(name, summary, read_metrics(arm_dir), base["accuracy"]))
+        rows.append(arm_row(name, summary, read_metrics(arm_dir), base["accuracy"],
+                            paired_vs_base(base_dir, arm_dir)))
     write_whole(out / "compare.json", json.dumps({**settings, "rows": rows}, indent=2))
     write_whole(out / "compare.md", markdown_table(rows))
     # The base line is drawn on the examples the curves were scored on.
@@ -220,17 +241,28 @@ def cell(row: dict, key: str, spec: str) -> str:
     return format(row[key], spec) if key in row else "n/a"
 
 
+def paired_cell(row: dict) -> str:
+    """'52/27 (p=0.0066)': base answers the arm fixed / broke; blank for the base itself."""
+    if row["delta_vs_base"] is None:
+        return ""
+    if "fixed_vs_base" not in row:
+        return "n/a"
+    return f"{row['fixed_vs_base']}/{row['broke_vs_base']} (p={row['paired_p_vs_base']:.2g})"
+
+
 def markdown_table(rows) -> str:
-    lines = ["| arm | held-out accuracy (95% CI) | vs base | format rate | truncated | "
+    lines = ["| arm | held-out accuracy (95% CI) | vs base | fixed/broke vs base (paired p) | "
+             "format rate | truncated | "
              "train steps | train s (total) | median step s | median loss+grad s | "
              "tokens in loss / step | tokens generated / step | train solve rate | "
              "groups with signal | of which on correctness | loss+grad peak GB | peak GB |",
-             "|---" * 16 + "|"]
+             "|---" * 17 + "|"]
     for r in rows:
         low, high = r["ci95"]
         delta = "" if r["delta_vs_base"] is None else f"{r['delta_vs_base'] * 100:+.1f} pts"
         cells = [r["arm"], f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%}, n={r['n']})", delta,
-                 f"{r['format_rate']:.0%}", cell(r, "truncation_rate", ".0%"), str(r["steps"])]
+                 paired_cell(r), f"{r['format_rate']:.0%}", cell(r, "truncation_rate", ".0%"),
+                 str(r["steps"])]
         if "step_seconds" in r:
             cells += [f"{r['train_seconds']:.1f}", f"{r['step_seconds']:.1f}",
                       f"{r['loss_seconds']:.1f}", f"{r['selected_tokens_per_step']:.0f}",

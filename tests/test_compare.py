@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mlx_tokenrl.compare import arm_configs, arm_row, base_reference, markdown_table
+from mlx_tokenrl.compare import (arm_configs, arm_row, base_reference, markdown_table,
+                                 paired_vs_base)
 from mlx_tokenrl.compare_plot import ArmCurves, BaseReference, figure
 from mlx_tokenrl.config import TrainConfig
 from tokenrl_cli.main import app
@@ -29,6 +30,11 @@ def test_compare_writes_table_json_plot_and_resumes(tiny_model_dir, tmp_path):
         step_s = [json.loads(line)["step_s"] for line in open(out / row["arm"] / "metrics.jsonl")]
         assert row["train_seconds"] == pytest.approx(sum(step_s))
         assert 0 <= row["truncation_rate"] <= 1 and row["loss_peak_memory_gb"] >= 0
+    base_correct = data["rows"][0]["accuracy"] * 6
+    for row in data["rows"][1:]:  # the paired counts agree with the two accuracies
+        net = row["fixed_vs_base"] - row["broke_vs_base"]
+        assert net == round(row["accuracy"] * 6 - base_correct)
+        assert 0 <= row["paired_p_vs_base"] <= 1
     table = (out / "compare.md").read_text()
     assert "| grpo |" in table and "| t-spmo |" in table
     assert (out / "compare.png").stat().st_size > 10_000
@@ -181,8 +187,8 @@ def test_older_runs_show_n_a_for_what_they_did_not_log():
     row = arm_row("old", summary, metrics, 0.25)
     assert "truncation_rate" not in row and "loss_peak_memory_gb" not in row
     cells = [c.strip() for c in markdown_table([row]).splitlines()[2].split("|")[1:-1]]
-    assert cells[4] == "n/a" and cells[14] == "n/a"  # truncated, loss+grad peak GB
-    assert cells[15] == "1.00"  # the overall peak is still known
+    assert cells[3] == cells[5] == cells[15] == "n/a"  # paired, truncated, loss+grad peak GB
+    assert cells[16] == "1.00"  # the overall peak is still known
 
 
 def write_base(out, correct, final_n):
@@ -192,6 +198,33 @@ def write_base(out, correct, final_n):
         "".join(json.dumps({"correct": c}) + "\n" for c in correct[:final_n]))
     (out / "base" / "final_eval.json").write_text(json.dumps(
         {"accuracy": sum(correct[:final_n]) / final_n, "n": final_n}))
+
+
+def write_records(run_dir, questions, correct):
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "examples.jsonl").write_text("".join(
+        json.dumps({"question": q, "correct": c}) + "\n" for q, c in zip(questions, correct)))
+
+
+def test_paired_counts_what_the_arm_fixed_and_broke_on_each_question(tmp_path):
+    questions = ["a", "b", "c", "d", "e", "f"]
+    write_records(tmp_path / "base", questions, [True, True, False, False, False, True])
+    write_records(tmp_path / "arm", questions, [True, False, True, True, True, True])
+    paired = paired_vs_base(tmp_path / "base", tmp_path / "arm")
+    assert (paired["fixed_vs_base"], paired["broke_vs_base"]) == (3, 1)  # c, d, e / b
+    assert paired["paired_p_vs_base"] == pytest.approx(2 * 5 / 16)  # 2 * P(at most 1 of 4)
+    summary = {"accuracy": 5 / 6, "ci95": [0.4, 0.9], "n": 6, "format_rate": 1.0}
+    row = arm_row("arm", summary, [], 0.5, paired)
+    assert "| 3/1 (p=0.62) |" in markdown_table([row])
+
+
+@pytest.mark.parametrize("other", [["a", "b", "c"], ["a", "b", "x", "d"], None])
+def test_paired_needs_the_same_questions(tmp_path, other):
+    """Another --final-eval-limit, other examples, or an arm without per-example records."""
+    write_records(tmp_path / "base", ["a", "b", "c", "d"], [True] * 4)
+    if other:
+        write_records(tmp_path / "arm", other, [False] * len(other))
+    assert paired_vs_base(tmp_path / "base", tmp_path / "arm") is None
 
 
 def test_base_reference_scores_the_in_training_examples(tmp_path):

@@ -1,10 +1,11 @@
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
 
 from mlx_tokenrl import evaluate as evaluate_module
-from mlx_tokenrl.evaluate import evaluate, summarize, summary_from_counts
+from mlx_tokenrl.evaluate import evaluate, sign_test_p, summarize, summary_from_counts
 from mlx_tokenrl.rollout import Completion
 from mlx_tokenrl.tasks import Example, Task
 from mlx_tokenrl.rewards import numeric_reward
@@ -66,3 +67,22 @@ def test_cli_eval_prints_truncation(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "truncated 100.0% at 6 tokens" in " ".join(result.output.split())  # rich wraps at 80
     assert json.loads((out / "summary.json").read_text())["truncation_rate"] == 1.0
+
+
+@pytest.mark.parametrize("gained, lost, p", [
+    (0, 5, 2 / 32),                 # all five changes one way: 2 * (1/2)^5
+    (1, 9, 2 * (1 + 10) / 1024),    # 2 * P(at most 1 of 10)
+    (3, 3, 1.0), (0, 0, 1.0), (4, 5, 1.0)])  # even splits cannot be more even: capped at 1
+def test_sign_test_by_hand(gained, lost, p):
+    assert sign_test_p(gained, lost) == pytest.approx(p)
+    assert sign_test_p(lost, gained) == pytest.approx(p)
+
+
+@pytest.mark.parametrize("gained, lost", [(52, 27), (66, 43), (35, 37), (0, 1), (12, 2)])
+def test_sign_test_against_every_split_at_least_as_uneven(gained, lost):
+    """Naive reference: add up every split of the changed answers whose imbalance is at least
+    the observed one, each with its binomial(n, 1/2) chance."""
+    n = gained + lost
+    chances = [math.comb(n, k) / 2 ** n for k in range(n + 1)]
+    reference = sum(c for k, c in enumerate(chances) if abs(2 * k - n) >= abs(gained - lost))
+    assert sign_test_p(gained, lost) == pytest.approx(min(1.0, reference))
