@@ -18,8 +18,8 @@
 # that and comes in with --resume, which starts an arm without a checkpoint from step 0.
 # Each arm checkpoints every step. Sessions 6-7 ran `pair1`; from session 8 on,
 # `bash command.sh rest` continues whatever is unfinished, two arms at a time (after any stop);
-# `bash command.sh table [ARMS]` writes the table and plot over ARMS (default: all four). Name
-# only finished arms while others train: `compare --resume` would train an unfinished one.
+# `bash command.sh table [ARMS]` writes the table and plot over ARMS (default: all four); it
+# refuses to run while one of ARMS is unfinished (`compare --resume` would train it).
 # A second seed (issue 14, deliverable 4): SEED=1 before any mode runs it into
 # /work/runs/svamp-qwen-compare-seed1 (logs svamp-qwen-compare-seed1.<arm>.log), e.g.
 #   SEED=1 bash command.sh pair grpo t-spmo      (two arms side by side, as pair1)
@@ -41,8 +41,9 @@ CODE=/work/runs/compare-code
 export SEED=${SEED:-0}  # the slots' own `bash command.sh one ...` read it too
 OUT=/work/runs/svamp-qwen-compare
 [ "$SEED" = 0 ] || OUT=$OUT-seed$SEED
+PINNED=$CODE
 arm() {
-  PYTHONPATH="$CODE" OPENBLAS_NUM_THREADS=1 .venv/bin/tokenrl-mlx compare svamp --data ../shared/data/svamp \
+  PYTHONPATH="$PINNED" OPENBLAS_NUM_THREADS=1 .venv/bin/tokenrl-mlx compare svamp --data ../shared/data/svamp \
     --model /work/models/qwen2.5-coder-0.5b --steps 20 --prompts-per-step 4 --group-size 8 \
     --max-new-tokens 300 --temperature 0.6 --lr 5e-6 --eval-every 5 --eval-limit 100 \
     --final-eval-limit 300 --microbatch-rows 2 --save-every 1 --seed "$SEED" \
@@ -81,7 +82,12 @@ case "${1:-}" in
          { bash "$SELF" one t-spmo "$@"; bash "$SELF" one s-grpo "$@"; } &
          { sleep 120; bash "$SELF" one grpo "$@"; bash "$SELF" one t-spmo:tspmo-replay=6 "$@"; } &
          wait ;;
+  # The table reads finished arms only (so it trains nothing), with the current code: its
+  # columns may be newer than the pinned code's (session 9: the paired comparison).
   table) shift; arms="${1:-grpo,s-grpo,t-spmo,t-spmo:tspmo-replay=6}"; shift || true
-         arm --algos "$arms" --resume "$@" ;;
+         for a in ${arms//,/ }; do
+           [ -f "$OUT/${a//:/_}/final_eval.json" ] || { echo "arm $a has not finished"; exit 2; }
+         done
+         PINNED= arm --algos "$arms" --resume "$@" ;;
   *) echo "usage: [SEED=N] bash command.sh pair1|pair2|one ARM|pair ARM ARM|rest|table [ARMS]"; exit 2 ;;
 esac
