@@ -17,8 +17,8 @@ from .common import (config_parameters, console, new_config, option_parameter, r
 DEFAULTS = {"out": "runs/compare"}
 
 
-def print_tables(rows):
-    """Accuracy and cost apart, so that each stays readable at 80 columns."""
+def print_tables(rows, pairs):
+    """Accuracy, arm against arm and cost apart, so that each stays readable at 80 columns."""
     accuracy = Table(title=f"held-out accuracy (greedy, n={rows[0]['n']})")
     cost = Table(title="training cost")
     for table in (accuracy, cost):
@@ -40,6 +40,16 @@ def print_tables(rows):
                          f"{r['step_seconds']:.1f}", f"{r['train_seconds']:.1f}",
                          cell(r, "loss_peak_memory_gb", ".2f"), f"{r['peak_memory_gb']:.2f}")
     console.print(accuracy)
+    if pairs:
+        against = Table(title="arm against arm (same examples)")
+        for col in ("arm", "against"):
+            against.add_column(col, overflow="fold")
+        for col in ("fixed", "broke", "paired p"):
+            against.add_column(col, justify="right")
+        for p in pairs:
+            against.add_row(p["arm"], p["against"], str(p["fixed"]), str(p["broke"]),
+                            f"{p['p']:.2g}")
+        console.print(against)
     console.print(cost)
 
 
@@ -83,7 +93,7 @@ def compare(**kwargs):
 
         with progress:
             try:
-                rows = run_compare(
+                rows, pairs = run_compare(
                     cfg, specs, resume=resume, final_eval_limit=final_eval_limit, on_arm=on_arm,
                     on_step=lambda m: report_step(progress, arm["bar"], m, label=arm["name"]),
                     on_phase=lambda phase: progress.update(arm["bar"], phase=phase),
@@ -92,7 +102,7 @@ def compare(**kwargs):
                 console.print("interrupted: continue with the same command plus --resume")
                 raise typer.Exit(130)
             finish_arm()
-        print_tables(rows)
+        print_tables(rows, pairs)
         plotted = (Path(cfg.out) / "compare.png").exists()
         console.print(f"wrote {cfg.out}/compare.json, compare.md" + (
             " and compare.png" if plotted else "; no plot without matplotlib "

@@ -108,17 +108,26 @@ def read_records(run_dir: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def paired_vs_base(base_dir: Path, arm_dir: Path) -> dict | None:
-    """Which of the base's answers the arm fixed and which it broke, on the same examples,
-    with the paired test's p-value; None unless both scored the same questions (an older
-    compare, or another --final-eval-limit)."""
-    base, arm = read_records(base_dir), read_records(arm_dir)
-    if not base or [r["question"] for r in base] != [r["question"] for r in arm]:
+def paired(reference_dir: Path, arm_dir: Path) -> dict | None:
+    """How the arm's answers moved from the reference's on the same examples: how many of the
+    reference's wrong answers it fixed, how many right ones it broke, and the exact paired
+    test's p-value. None unless both scored the same questions (another --final-eval-limit,
+    or a run without per-example records)."""
+    reference, arm = read_records(reference_dir), read_records(arm_dir)
+    if not reference or [r["question"] for r in reference] != [r["question"] for r in arm]:
         return None
-    fixed = sum(a["correct"] and not b["correct"] for b, a in zip(base, arm))
-    broke = sum(b["correct"] and not a["correct"] for b, a in zip(base, arm))
-    return {"fixed_vs_base": fixed, "broke_vs_base": broke,
-            "paired_p_vs_base": sign_test_p(fixed, broke)}
+    fixed = sum(a["correct"] and not r["correct"] for r, a in zip(reference, arm))
+    broke = sum(r["correct"] and not a["correct"] for r, a in zip(reference, arm))
+    return {"fixed": fixed, "broke": broke, "p": sign_test_p(fixed, broke)}
+
+
+def head_to_head(arm_dirs: dict) -> list:
+    """Every later arm against every earlier one (name -> run dir, in the compare's order),
+    on the same examples: does a selective arm differ from full GRPO, beyond the noise?"""
+    names = list(arm_dirs)
+    return [{"arm": arm, "against": against, **result}
+            for i, against in enumerate(names) for arm in names[i + 1:]
+            if (result := paired(arm_dirs[against], arm_dirs[arm])) is not None]
 
 
 def every_step_has(metrics: list, key: str) -> bool:
@@ -126,14 +135,17 @@ def every_step_has(metrics: list, key: str) -> bool:
 
 
 def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None,
-            paired: dict | None = None) -> dict:
+            vs_base: dict | None = None) -> dict:
     """One arm's table row: its final evaluation, how it moved from the base's answers
-    (`paired_vs_base`), and what its training steps cost. A number an older run did not log
-    is left out (the tables show n/a)."""
+    (`paired`), and what its training steps cost. A number an older run did not log is left
+    out (the tables show n/a)."""
     row = {"arm": name, "accuracy": summary["accuracy"], "ci95": summary["ci95"],
            "n": summary["n"], "format_rate": summary["format_rate"],
            "delta_vs_base": None if base_accuracy is None else summary["accuracy"] - base_accuracy,
-           "steps": len(metrics), **(paired or {})}
+           "steps": len(metrics)}
+    if vs_base:
+        row.update(fixed_vs_base=vs_base["fixed"], broke_vs_base=vs_base["broke"],
+                   paired_p_vs_base=vs_base["p"])
     if "truncation_rate" in summary:
         row["truncation_rate"] = summary["truncation_rate"]
     if metrics:
@@ -185,7 +197,8 @@ def check_same_settings(what: str, saved: Path, cfg: TrainConfig, key: str | Non
 def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
                 final_eval_limit: int | None = None, on_arm=None, on_step=None,
                 on_phase=no_phase, on_eval=None):
-    """Run (or continue) every arm into cfg.out; returns the table rows, base first.
+    """Run (or continue) every arm into cfg.out; returns the table rows (base first) and the
+    arms' `head_to_head` comparisons.
 
     In-training evaluations (every cfg.eval_every steps) use the first cfg.eval_limit
     held-out examples; the base model and every trained arm are scored on the first
@@ -227,13 +240,15 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
             evaluate_arm(arm_cfg, arm_dir, final_limit, arm_dir, on_eval)
         summary = json.loads(done.read_text())
         rows.append(arm_row(name, summary, read_metrics(arm_dir), base["accuracy"],
-                            paired_vs_base(base_dir, arm_dir)))
-    write_whole(out / "compare.json", json.dumps({**settings, "rows": rows}, indent=2))
-    write_whole(out / "compare.md", markdown_table(rows))
+                            paired(base_dir, arm_dir)))
+    pairs = head_to_head({name: Path(arm_cfg.out) for name, arm_cfg in arms})
+    write_whole(out / "compare.json", json.dumps({**settings, "rows": rows,
+                                                  "head_to_head": pairs}, indent=2))
+    write_whole(out / "compare.md", markdown_table(rows) + head_to_head_table(pairs))
     # The base line is drawn on the examples the curves were scored on.
     plot(out, [(name, Path(arm_cfg.out)) for name, arm_cfg in arms],
          cfg.eval_limit if cfg.eval_every else final_limit)
-    return rows
+    return rows, pairs
 
 
 def cell(row: dict, key: str, spec: str) -> str:
@@ -248,6 +263,16 @@ def paired_cell(row: dict) -> str:
     if "fixed_vs_base" not in row:
         return "n/a"
     return f"{row['fixed_vs_base']}/{row['broke_vs_base']} (p={row['paired_p_vs_base']:.2g})"
+
+
+def head_to_head_table(pairs) -> str:
+    if not pairs:
+        return ""
+    lines = ["", "Arm against arm, on the same examples:", "",
+             "| arm | against | fixed | broke | paired p |", "|---|---|---|---|---|"]
+    lines += [f"| {p['arm']} | {p['against']} | {p['fixed']} | {p['broke']} | {p['p']:.2g} |"
+              for p in pairs]
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(rows) -> str:

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlx_tokenrl.compare import (arm_configs, arm_row, base_reference, markdown_table,
-                                 paired_vs_base)
+                                 head_to_head, paired)
 from mlx_tokenrl.compare_plot import ArmCurves, BaseReference, figure
 from mlx_tokenrl.config import TrainConfig
 from tokenrl_cli.main import app
@@ -35,6 +35,11 @@ def test_compare_writes_table_json_plot_and_resumes(tiny_model_dir, tmp_path):
         net = row["fixed_vs_base"] - row["broke_vs_base"]
         assert net == round(row["accuracy"] * 6 - base_correct)
         assert 0 <= row["paired_p_vs_base"] <= 1
+    # One pair, and it tells the same story as the two rows against the base.
+    [pair] = data["head_to_head"]
+    assert (pair["arm"], pair["against"]) == ("t-spmo", "grpo")
+    net = pair["fixed"] - pair["broke"]
+    assert net == round((data["rows"][2]["accuracy"] - data["rows"][1]["accuracy"]) * 6)
     table = (out / "compare.md").read_text()
     assert "| grpo |" in table and "| t-spmo |" in table
     assert (out / "compare.png").stat().st_size > 10_000
@@ -210,11 +215,11 @@ def test_paired_counts_what_the_arm_fixed_and_broke_on_each_question(tmp_path):
     questions = ["a", "b", "c", "d", "e", "f"]
     write_records(tmp_path / "base", questions, [True, True, False, False, False, True])
     write_records(tmp_path / "arm", questions, [True, False, True, True, True, True])
-    paired = paired_vs_base(tmp_path / "base", tmp_path / "arm")
-    assert (paired["fixed_vs_base"], paired["broke_vs_base"]) == (3, 1)  # c, d, e / b
-    assert paired["paired_p_vs_base"] == pytest.approx(2 * 5 / 16)  # 2 * P(at most 1 of 4)
+    vs_base = paired(tmp_path / "base", tmp_path / "arm")
+    assert (vs_base["fixed"], vs_base["broke"]) == (3, 1)  # c, d, e / b
+    assert vs_base["p"] == pytest.approx(2 * 5 / 16)  # 2 * P(at most 1 of 4)
     summary = {"accuracy": 5 / 6, "ci95": [0.4, 0.9], "n": 6, "format_rate": 1.0}
-    row = arm_row("arm", summary, [], 0.5, paired)
+    row = arm_row("arm", summary, [], 0.5, vs_base)
     assert "| 3/1 (p=0.62) |" in markdown_table([row])
 
 
@@ -224,7 +229,20 @@ def test_paired_needs_the_same_questions(tmp_path, other):
     write_records(tmp_path / "base", ["a", "b", "c", "d"], [True] * 4)
     if other:
         write_records(tmp_path / "arm", other, [False] * len(other))
-    assert paired_vs_base(tmp_path / "base", tmp_path / "arm") is None
+    assert paired(tmp_path / "base", tmp_path / "arm") is None
+
+
+def test_head_to_head_pairs_each_later_arm_with_each_earlier_one(tmp_path):
+    questions = ["a", "b", "c", "d"]
+    answers = {"grpo": [True, True, False, False], "s-grpo": [True, False, True, True],
+               "t-spmo": [False, False, False, True], "old": None}  # old: no records
+    for name, correct in answers.items():
+        if correct:
+            write_records(tmp_path / name, questions, correct)
+    pairs = head_to_head({name: tmp_path / name for name in answers})
+    found = {(p["arm"], p["against"]): (p["fixed"], p["broke"]) for p in pairs}
+    assert found == {("s-grpo", "grpo"): (2, 1), ("t-spmo", "grpo"): (1, 2),
+                     ("t-spmo", "s-grpo"): (0, 2)}
 
 
 def test_base_reference_scores_the_in_training_examples(tmp_path):
