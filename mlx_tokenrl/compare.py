@@ -146,8 +146,9 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
     if vs_base:
         row.update(fixed_vs_base=vs_base["fixed"], broke_vs_base=vs_base["broke"],
                    paired_p_vs_base=vs_base["p"])
-    if "truncation_rate" in summary:
-        row["truncation_rate"] = summary["truncation_rate"]
+    for key in ("truncation_rate", "mean_tokens"):
+        if key in summary:
+            row[key] = summary[key]
     if metrics:
         row.update(
             selected_tokens_per_step=float(np.mean([m["selected_tokens"] for m in metrics])),
@@ -277,16 +278,17 @@ def head_to_head_table(pairs) -> str:
 
 def markdown_table(rows) -> str:
     lines = ["| arm | held-out accuracy (95% CI) | vs base | fixed/broke vs base (paired p) | "
-             "format rate | truncated | "
+             "format rate | truncated | answer tokens (mean) | "
              "train steps | train s (total) | median step s | median loss+grad s | "
              "tokens in loss / step | tokens generated / step | train solve rate | "
              "groups with signal | of which on correctness | loss+grad peak GB | peak GB |",
-             "|---" * 17 + "|"]
+             "|---" * 18 + "|"]
     for r in rows:
         low, high = r["ci95"]
         delta = "" if r["delta_vs_base"] is None else f"{r['delta_vs_base'] * 100:+.1f} pts"
         cells = [r["arm"], f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%}, n={r['n']})", delta,
                  paired_cell(r), f"{r['format_rate']:.0%}", cell(r, "truncation_rate", ".0%"),
+                 cell(r, "mean_tokens", ".0f"),
                  str(r["steps"])]
         if "step_seconds" in r:
             cells += [f"{r['train_seconds']:.1f}", f"{r['step_seconds']:.1f}",

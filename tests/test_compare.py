@@ -171,7 +171,7 @@ def test_solve_metrics_shown_only_when_every_step_logged_them():
 
 def test_arm_row_sums_training_time_and_reads_costs_by_hand():
     summary = {"accuracy": 0.5, "ci95": [0.4, 0.6], "n": 100, "format_rate": 0.9,
-               "truncation_rate": 0.25}
+               "truncation_rate": 0.25, "mean_tokens": 87.4}
     metrics = [{**step_metrics(step, 0.5, 0.5), "step_s": s, "loss_peak_memory_gb": gb}
                for step, s, gb in ((1, 2.0, 0.5), (2, 9.0, 1.5), (3, 4.0, 1.0))]
     row = arm_row("a", summary, metrics, 0.25)
@@ -180,7 +180,7 @@ def test_arm_row_sums_training_time_and_reads_costs_by_hand():
     assert row["loss_peak_memory_gb"] == 1.5
     assert row["truncation_rate"] == 0.25
     line = markdown_table([row]).splitlines()[2]
-    assert "| 25% | 3 | 15.0 | 4.0 |" in line and "| 1.50 | 1.00 |" in line
+    assert "| 25% | 87 | 3 | 15.0 | 4.0 |" in line and "| 1.50 | 1.00 |" in line
 
 
 def test_older_runs_show_n_a_for_what_they_did_not_log():
@@ -192,8 +192,8 @@ def test_older_runs_show_n_a_for_what_they_did_not_log():
     row = arm_row("old", summary, metrics, 0.25)
     assert "truncation_rate" not in row and "loss_peak_memory_gb" not in row
     cells = [c.strip() for c in markdown_table([row]).splitlines()[2].split("|")[1:-1]]
-    assert cells[3] == cells[5] == cells[15] == "n/a"  # paired, truncated, loss+grad peak GB
-    assert cells[16] == "1.00"  # the overall peak is still known
+    assert cells[3] == cells[5] == cells[16] == "n/a"  # paired, truncated, loss+grad peak GB
+    assert cells[17] == "1.00"  # the overall peak is still known
 
 
 def write_base(out, correct, final_n):
