@@ -70,11 +70,21 @@ def arm_configs(cfg: TrainConfig, specs) -> list[tuple[str, TrainConfig]]:
     return configs
 
 
-def read_metrics(run_dir: Path) -> list:
-    path = run_dir / "metrics.jsonl"
+def read_jsonl(path: Path) -> list:
+    """One dict per line; none for a file not written (yet): an arm before its first step, or
+    an evaluation without per-example records."""
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path) -> list:
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def read_records(run_dir: Path) -> list:
+    """The per-example records of a run's final evaluation."""
+    return read_jsonl(run_dir / "eval" / "examples.jsonl")
 
 
 def write_whole(path: Path, text: str):
@@ -103,17 +113,11 @@ def evaluate_arm(cfg: TrainConfig, adapter, eval_limit: int, out: Path, on_progr
     return summary
 
 
-def read_records(run_dir: Path) -> list:
-    path = run_dir / "eval" / "examples.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def paired(reference_dir: Path, arm_dir: Path) -> dict | None:
-    """How the arm's answers moved from the reference's on the same examples: how many of the
-    reference's wrong answers it fixed, how many right ones it broke, and the exact paired
-    test's p-value. None unless both scored the same questions (another --final-eval-limit,
-    or a run without per-example records)."""
-    reference, arm = read_records(reference_dir), read_records(arm_dir)
+def paired(reference: list, arm: list) -> dict | None:
+    """How an arm's answers moved from the reference's, from both's per-example records of the
+    same examples: how many of the reference's wrong answers it fixed, how many right ones it
+    broke, and the exact paired test's p-value. None unless both scored the same questions
+    (another --final-eval-limit, or a run without per-example records)."""
     if not reference or [r["question"] for r in reference] != [r["question"] for r in arm]:
         return None
     fixed = sum(a["correct"] and not r["correct"] for r, a in zip(reference, arm))
@@ -121,13 +125,14 @@ def paired(reference_dir: Path, arm_dir: Path) -> dict | None:
     return {"fixed": fixed, "broke": broke, "p": sign_test_p(fixed, broke)}
 
 
-def head_to_head(arm_dirs: dict) -> list:
-    """Every later arm against every earlier one (name -> run dir, in the compare's order),
-    on the same examples: does a selective arm differ from full GRPO, beyond the noise?"""
-    names = list(arm_dirs)
+def head_to_head(records: dict) -> list:
+    """Every later arm against every earlier one (name -> per-example records, in the
+    compare's order): does a selective arm differ from full GRPO, beyond the noise? Pairs
+    without records of the same examples are left out."""
+    names = list(records)
     return [{"arm": arm, "against": against, **result}
             for i, against in enumerate(names) for arm in names[i + 1:]
-            if (result := paired(arm_dirs[against], arm_dirs[arm])) is not None]
+            if (result := paired(records[against], records[arm])) is not None]
 
 
 def every_step_has(metrics: list, key: str) -> bool:
@@ -143,7 +148,7 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
            "n": summary["n"], "format_rate": summary["format_rate"],
            "delta_vs_base": None if base_accuracy is None else summary["accuracy"] - base_accuracy,
            "steps": len(metrics)}
-    if vs_base:
+    if vs_base is not None:
         row.update(fixed_vs_base=vs_base["fixed"], broke_vs_base=vs_base["broke"],
                    paired_p_vs_base=vs_base["p"])
     for key in ("truncation_rate", "mean_tokens"):
@@ -229,6 +234,7 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
     write_whole(out / "compare_config.json", json.dumps(
         {**settings, "algos": [name for name, _ in arms]}, indent=2))
     rows.append(arm_row("base", base, [], None))
+    base_records, records = read_records(base_dir), {}
     for name, arm_cfg in arms:
         arm_dir = Path(arm_cfg.out)
         done = arm_dir / "final_eval.json"
@@ -240,9 +246,10 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
             train(arm_cfg, resume=started, on_step=on_step, on_phase=on_phase)
             evaluate_arm(arm_cfg, arm_dir, final_limit, arm_dir, on_eval)
         summary = json.loads(done.read_text())
+        records[name] = read_records(arm_dir)
         rows.append(arm_row(name, summary, read_metrics(arm_dir), base["accuracy"],
-                            paired(base_dir, arm_dir)))
-    pairs = head_to_head({name: Path(arm_cfg.out) for name, arm_cfg in arms})
+                            paired(base_records, records[name])))
+    pairs = head_to_head(records)
     write_whole(out / "compare.json", json.dumps({**settings, "rows": rows,
                                                   "head_to_head": pairs}, indent=2))
     write_whole(out / "compare.md", markdown_table(rows) + head_to_head_table(pairs))
@@ -306,8 +313,7 @@ def base_reference(base_dir: Path, eval_limit: int) -> BaseReference:
     """The base model's final evaluation, and its accuracy on the first `eval_limit` of those
     examples (the ones the in-training evaluations score) from its per-example records."""
     final = json.loads((base_dir / "final_eval.json").read_text())
-    lines = (base_dir / "eval" / "examples.jsonl").read_text().splitlines()[:eval_limit]
-    correct = [json.loads(line)["correct"] for line in lines]
+    correct = [r["correct"] for r in read_records(base_dir)[:eval_limit]]
     return BaseReference(accuracy=float(np.mean(correct)), n=len(correct),
                          final_accuracy=final["accuracy"], final_n=final["n"])
 

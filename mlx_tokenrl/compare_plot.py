@@ -133,16 +133,20 @@ def figure(base: BaseReference, arms: list, plt):
     ax_time.set(xlabel=f"cumulative training time ({unit}; evaluations not counted)",
                 ylabel="held-out accuracy (greedy)", title="Held-out accuracy per training time")
     ax_reward.set(xlabel="step", ylabel=f"mean train reward ({mean})", title="Train reward")
-    ax_solved.set(xlabel="step", ylabel=f"share of samples right ({mean})",
-                  title="Train solve rate")
-    for ax in (ax_step, ax_time, ax_solved):
+    rate_axes = [ax_step, ax_time]
+    if solved:  # a removed panel takes no labels
+        ax_solved.set(xlabel="step", ylabel=f"share of samples right ({mean})",
+                      title="Train solve rate")
+        rate_axes.append(ax_solved)
+    for ax in rate_axes:
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
         low, high = ax.get_ylim()  # no room for rates below 0% or above 100%
         ax.set_ylim(max(low, -0.02), min(high, 1.02))
-    for ax in (ax_step, ax_reward, ax_solved):
+    for ax in rate_axes[:1] + [ax_reward] + rate_axes[2:]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in fig.axes:
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # arms without logged steps draw no reward line
+            ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

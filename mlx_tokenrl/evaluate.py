@@ -19,11 +19,11 @@ def wilson_interval(correct: int, total: int, z: float = 1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def sign_test_p(gained: int, lost: int) -> float:
+def sign_test_p(fixed: int, broke: int) -> float:
     """Exact two-sided McNemar test for two models scored on the same examples: the chance of a
-    split of the `gained + lost` changed answers at least this uneven if a change were as
+    split of the `fixed + broke` changed answers at least this uneven if a change were as
     likely either way. Paired, it sees differences that two overlapping intervals hide."""
-    changed, fewer = gained + lost, min(gained, lost)
+    changed, fewer = fixed + broke, min(fixed, broke)
     tail = sum(math.comb(changed, k) for k in range(fewer + 1)) / 2 ** changed
     return min(1.0, 2 * tail)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from mlx_tokenrl.compare import (arm_configs, arm_row, base_reference, markdown_table,
-                                 head_to_head, paired)
+from mlx_tokenrl.compare import (arm_configs, arm_row, base_reference, head_to_head,
+                                 markdown_table, paired, run_compare)
 from mlx_tokenrl.compare_plot import ArmCurves, BaseReference, figure
 from mlx_tokenrl.config import TrainConfig
 from tokenrl_cli.main import app
@@ -205,17 +205,15 @@ def write_base(out, correct, final_n):
         {"accuracy": sum(correct[:final_n]) / final_n, "n": final_n}))
 
 
-def write_records(run_dir, questions, correct):
-    (run_dir / "eval").mkdir(parents=True)
-    (run_dir / "eval" / "examples.jsonl").write_text("".join(
-        json.dumps({"question": q, "correct": c}) + "\n" for q, c in zip(questions, correct)))
+def records(questions, correct):
+    return [{"question": q, "correct": c} for q, c in zip(questions, correct)]
 
 
-def test_paired_counts_what_the_arm_fixed_and_broke_on_each_question(tmp_path):
+def test_paired_counts_what_the_arm_fixed_and_broke_on_each_question():
     questions = ["a", "b", "c", "d", "e", "f"]
-    write_records(tmp_path / "base", questions, [True, True, False, False, False, True])
-    write_records(tmp_path / "arm", questions, [True, False, True, True, True, True])
-    vs_base = paired(tmp_path / "base", tmp_path / "arm")
+    base = records(questions, [True, True, False, False, False, True])
+    arm = records(questions, [True, False, True, True, True, True])
+    vs_base = paired(base, arm)
     assert (vs_base["fixed"], vs_base["broke"]) == (3, 1)  # c, d, e / b
     assert vs_base["p"] == pytest.approx(2 * 5 / 16)  # 2 * P(at most 1 of 4)
     summary = {"accuracy": 5 / 6, "ci95": [0.4, 0.9], "n": 6, "format_rate": 1.0}
@@ -223,26 +221,48 @@ def test_paired_counts_what_the_arm_fixed_and_broke_on_each_question(tmp_path):
     assert "| 3/1 (p=0.62) |" in markdown_table([row])
 
 
-@pytest.mark.parametrize("other", [["a", "b", "c"], ["a", "b", "x", "d"], None])
-def test_paired_needs_the_same_questions(tmp_path, other):
-    """Another --final-eval-limit, other examples, or an arm without per-example records."""
-    write_records(tmp_path / "base", ["a", "b", "c", "d"], [True] * 4)
-    if other:
-        write_records(tmp_path / "arm", other, [False] * len(other))
-    assert paired(tmp_path / "base", tmp_path / "arm") is None
+@pytest.mark.parametrize("base, arm", [
+    (list("abcd"), list("abc")),   # another --final-eval-limit
+    (list("abcd"), list("abxd")),  # other examples
+    (list("abcd"), []),            # an arm without per-example records
+    ([], [])])                     # neither has them
+def test_paired_needs_the_same_questions(base, arm):
+    assert paired(records(base, [True] * 4), records(arm, [False] * 4)) is None
 
 
-def test_head_to_head_pairs_each_later_arm_with_each_earlier_one(tmp_path):
+def test_head_to_head_pairs_each_later_arm_with_each_earlier_one():
     questions = ["a", "b", "c", "d"]
     answers = {"grpo": [True, True, False, False], "s-grpo": [True, False, True, True],
-               "t-spmo": [False, False, False, True], "old": None}  # old: no records
-    for name, correct in answers.items():
-        if correct:
-            write_records(tmp_path / name, questions, correct)
-    pairs = head_to_head({name: tmp_path / name for name in answers})
+               "t-spmo": [False, False, False, True], "old": []}  # old: no records
+    pairs = head_to_head({name: records(questions, correct) for name, correct in answers.items()})
     found = {(p["arm"], p["against"]): (p["fixed"], p["broke"]) for p in pairs}
     assert found == {("s-grpo", "grpo"): (2, 1), ("t-spmo", "grpo"): (1, 2),
                      ("t-spmo", "s-grpo"): (0, 2)}
+
+
+def test_a_finished_compare_tables_its_arms_against_the_base_and_each_other(tmp_path):
+    """--resume over finished arms (no model work): the paired counts reach compare.json and
+    compare.md in the right direction, from the records on disk."""
+    questions = ["a", "b", "c", "d", "e"]
+    answers = {"base": [True, False, False, False, False], "grpo": [True, True, True, False, False],
+               "t-spmo": [False, True, True, True, True]}
+    for name, correct in answers.items():
+        (tmp_path / name / "eval").mkdir(parents=True)
+        (tmp_path / name / "eval" / "examples.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records(questions, correct)))
+        (tmp_path / name / "final_eval.json").write_text(json.dumps(
+            {"n": 5, "correct": sum(correct), "accuracy": sum(correct) / 5, "ci95": [0, 1],
+             "format_rate": 1.0}))
+    cfg = TrainConfig(task="multiply", out=str(tmp_path), eval_limit=5)
+    rows, pairs = run_compare(cfg, ["grpo", "t-spmo"], resume=True)
+    assert [(r.get("fixed_vs_base"), r.get("broke_vs_base")) for r in rows] == [
+        (None, None), (2, 0), (4, 1)]
+    assert [(p["arm"], p["against"], p["fixed"], p["broke"]) for p in pairs] == [
+        ("t-spmo", "grpo", 2, 1)]
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["head_to_head"] == pairs and saved["rows"] == rows
+    table = (tmp_path / "compare.md").read_text()
+    assert "| 4/1 (p=0.38) |" in table and "| t-spmo | grpo | 2 | 1 | 1 |" in table
 
 
 def test_base_reference_scores_the_in_training_examples(tmp_path):
@@ -331,3 +351,17 @@ def test_plot_gives_each_arm_one_colour_in_every_panel(plt):
     assert set(colours["Train solve rate"]) == {"new"}
     assert (colours["Held-out accuracy"]["new"] == colours["Train reward"]["new"]
             == colours["Train solve rate"]["new"] != colours["Held-out accuracy"]["old"])
+
+
+def test_plot_without_solve_metrics_leaves_that_panel_out(plt):
+    """Arms that all predate the solve metrics (or have no steps logged): three panels."""
+    base = BaseReference(accuracy=0.2, n=100, final_accuracy=0.2, final_n=100)
+    arms = curves([("old", [(1.0, 0.3)] * 7)])
+    for m in arms[0].metrics:
+        del m["solve_rate"]
+    fig = figure(base, arms, plt)
+    fig.canvas.draw()
+    assert [ax.get_title() for ax in fig.axes] == [
+        "Held-out accuracy", "Held-out accuracy per training time", "Train reward"]
+    labels = [t.get_text() for t in panel(fig, "Held-out accuracy").get_yticklabels()]
+    assert any(label.endswith("%") for label in labels)

@@ -69,20 +69,20 @@ def test_cli_eval_prints_truncation(tiny_model_dir, tmp_path):
     assert json.loads((out / "summary.json").read_text())["truncation_rate"] == 1.0
 
 
-@pytest.mark.parametrize("gained, lost, p", [
+@pytest.mark.parametrize("fixed, broke, p", [
     (0, 5, 2 / 32),                 # all five changes one way: 2 * (1/2)^5
     (1, 9, 2 * (1 + 10) / 1024),    # 2 * P(at most 1 of 10)
     (3, 3, 1.0), (0, 0, 1.0), (4, 5, 1.0)])  # even splits cannot be more even: capped at 1
-def test_sign_test_by_hand(gained, lost, p):
-    assert sign_test_p(gained, lost) == pytest.approx(p)
-    assert sign_test_p(lost, gained) == pytest.approx(p)
+def test_sign_test_by_hand(fixed, broke, p):
+    assert sign_test_p(fixed, broke) == pytest.approx(p)
+    assert sign_test_p(broke, fixed) == pytest.approx(p)
 
 
-@pytest.mark.parametrize("gained, lost", [(52, 27), (66, 43), (35, 37), (0, 1), (12, 2)])
-def test_sign_test_against_every_split_at_least_as_uneven(gained, lost):
+@pytest.mark.parametrize("fixed, broke", [(52, 27), (66, 43), (35, 37), (0, 1), (12, 2)])
+def test_sign_test_against_every_split_at_least_as_uneven(fixed, broke):
     """Naive reference: add up every split of the changed answers whose imbalance is at least
     the observed one, each with its binomial(n, 1/2) chance."""
-    n = gained + lost
+    n = fixed + broke
     chances = [math.comb(n, k) / 2 ** n for k in range(n + 1)]
-    reference = sum(c for k, c in enumerate(chances) if abs(2 * k - n) >= abs(gained - lost))
-    assert sign_test_p(gained, lost) == pytest.approx(min(1.0, reference))
+    reference = sum(c for k, c in enumerate(chances) if abs(2 * k - n) >= abs(fixed - broke))
+    assert sign_test_p(fixed, broke) == pytest.approx(min(1.0, reference))

@@ -86,7 +86,7 @@ case "${1:-}" in
   # columns may be newer than the pinned code's (session 9: the paired comparison).
   table) shift; arms="${1:-grpo,s-grpo,t-spmo,t-spmo:tspmo-replay=6}"; shift || true
          for a in ${arms//,/ }; do
-           [ -f "$OUT/${a//:/_}/final_eval.json" ] || { echo "arm $a has not finished"; exit 2; }
+           [ -f "$OUT/${a//:/_}/final_eval.json" ] || { echo "arm $a has not finished" >&2; exit 2; }
          done
          PINNED= arm --algos "$arms" --resume "$@" ;;
   *) echo "usage: [SEED=N] bash command.sh pair1|pair2|one ARM|pair ARM ARM|rest|table [ARMS]"; exit 2 ;;
