@@ -295,8 +295,7 @@ def markdown_table(rows) -> str:
         delta = "" if r["delta_vs_base"] is None else f"{r['delta_vs_base'] * 100:+.1f} pts"
         cells = [r["arm"], f"{r['accuracy']:.1%} ({low:.1%}-{high:.1%}, n={r['n']})", delta,
                  paired_cell(r), f"{r['format_rate']:.0%}", cell(r, "truncation_rate", ".0%"),
-                 cell(r, "mean_tokens", ".0f"),
-                 str(r["steps"])]
+                 cell(r, "mean_tokens", ".0f"), str(r["steps"])]
         if "step_seconds" in r:
             cells += [f"{r['train_seconds']:.1f}", f"{r['step_seconds']:.1f}",
                       f"{r['loss_seconds']:.1f}", f"{r['selected_tokens_per_step']:.0f}",

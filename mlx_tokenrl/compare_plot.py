@@ -133,16 +133,17 @@ def figure(base: BaseReference, arms: list, plt):
     ax_time.set(xlabel=f"cumulative training time ({unit}; evaluations not counted)",
                 ylabel="held-out accuracy (greedy)", title="Held-out accuracy per training time")
     ax_reward.set(xlabel="step", ylabel=f"mean train reward ({mean})", title="Train reward")
-    rate_axes = [ax_step, ax_time]
+    rate_axes, step_axes = [ax_step, ax_time], [ax_step, ax_reward]
     if solved:  # a removed panel takes no labels
         ax_solved.set(xlabel="step", ylabel=f"share of samples right ({mean})",
                       title="Train solve rate")
         rate_axes.append(ax_solved)
+        step_axes.append(ax_solved)
     for ax in rate_axes:
         ax.yaxis.set_major_formatter(PercentFormatter(xmax=1))
         low, high = ax.get_ylim()  # no room for rates below 0% or above 100%
         ax.set_ylim(max(low, -0.02), min(high, 1.02))
-    for ax in rate_axes[:1] + [ax_reward] + rate_axes[2:]:
+    for ax in step_axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in fig.axes:
         if ax.get_legend_handles_labels()[0]:  # arms without logged steps draw no reward line
