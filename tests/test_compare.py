@@ -263,6 +263,8 @@ def test_a_finished_compare_tables_its_arms_against_the_base_and_each_other(tmp_
     assert saved["head_to_head"] == pairs and saved["rows"] == rows
     table = (tmp_path / "compare.md").read_text()
     assert "| 4/1 (p=0.38) |" in table and "| t-spmo | grpo | 2 | 1 | 1 |" in table
+    base_cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
+    assert base_cells[0] == "base" and base_cells[3] == ""  # no base against itself
 
 
 def test_base_reference_scores_the_in_training_examples(tmp_path):
@@ -365,3 +367,12 @@ def test_plot_without_solve_metrics_leaves_that_panel_out(plt):
         "Held-out accuracy", "Held-out accuracy per training time", "Train reward"]
     labels = [t.get_text() for t in panel(fig, "Held-out accuracy").get_yticklabels()]
     assert any(label.endswith("%") for label in labels)
+
+
+def test_arms_without_logged_steps_draw_no_empty_legend(plt):
+    """A compare whose arms have final evaluations but no metrics.jsonl (e.g. copied results):
+    the reward panel has no lines, so no legend either (matplotlib warns on an empty one)."""
+    base = BaseReference(accuracy=0.2, n=100, final_accuracy=0.2, final_n=100)
+    fig = figure(base, [ArmCurves("copied", [], 0.3, 100)], plt)
+    assert panel(fig, "Train reward").get_legend() is None
+    assert panel(fig, "Held-out accuracy").get_legend() is not None
