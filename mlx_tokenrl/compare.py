@@ -200,6 +200,18 @@ def check_same_settings(what: str, saved: Path, cfg: TrainConfig, key: str | Non
                           f"settings again or choose another --out")
 
 
+def check_not_started(out: Path, arms):
+    """Without --resume, refuse an --out that holds a compare (even a part of one), before the
+    base evaluation: a fresh start would redo the base's minutes of work, overwrite its record
+    and only then fail on the first arm's checkpoints."""
+    arm_dirs = [Path(arm_cfg.out) for _, arm_cfg in arms]
+    if ((out / "compare_config.json").exists() or (out / "base" / "final_eval.json").exists()
+            or any((arm_dir / "final_eval.json").exists()
+                   or latest_checkpoint(arm_dir) is not None for arm_dir in arm_dirs)):
+        raise ConfigError(f"--out {out} already holds a compare: continue it with the same "
+                          "command plus --resume, or choose another --out")
+
+
 def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
                 final_eval_limit: int | None = None, on_arm=None, on_step=None,
                 on_phase=no_phase, on_eval=None):
@@ -219,6 +231,8 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
         check_same_settings("this compare", out / "compare_config.json", cfg, key="config")
         for name, arm_cfg in arms:
             check_same_settings(f"arm {name}", Path(arm_cfg.out) / "config.json", arm_cfg)
+    else:
+        check_not_started(out, arms)
     rows = []
     base_dir = out / "base"
     done = base_dir / "final_eval.json"

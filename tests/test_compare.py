@@ -92,6 +92,44 @@ def test_a_crash_while_an_arm_records_its_finish_leaves_it_unfinished(tiny_model
     assert json.loads((out / "grpo" / "final_eval.json").read_text())["n"] == 3
 
 
+def test_a_second_start_into_a_compare_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    """Without --resume, the same command again would redo the base's evaluation and overwrite
+    its record before the first arm refused its checkpoints: one line instead, nothing written."""
+    out = tmp_path / "cmp"
+    args = ["compare", "multiply", "--digits", "1x1", "--model", str(tiny_model_dir),
+            "--algos", "grpo", "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+            "--max-new-tokens", "4", "--eval-limit", "2", "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    kept = [out / "base" / "final_eval.json", out / "compare_config.json", out / "compare.json"]
+    before = [(path.read_bytes(), path.stat().st_mtime_ns) for path in kept]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (f"error: --out {out} already holds a compare: continue it "
+                                     "with the same command plus --resume, or choose another --out")
+    assert before == [(path.read_bytes(), path.stat().st_mtime_ns) for path in kept]
+
+
+@pytest.mark.parametrize("left", ["compare_config.json", "base/final_eval.json",
+                                  "grpo/final_eval.json", "grpo/checkpoints/step-000001"])
+def test_any_part_of_a_compare_refuses_a_fresh_start(left, tmp_path):
+    """A compare stopped at any point (here: before the base's record, or with only an arm's
+    checkpoint) is refused too; the missing model shows that nothing was loaded."""
+    out = tmp_path / "cmp"
+    if left.endswith(".json"):
+        (out / left).parent.mkdir(parents=True)
+        (out / left).write_text("{}")
+    else:  # a complete checkpoint, as the trainer leaves it
+        (out / left).mkdir(parents=True)
+        for name in ("adapters.safetensors", "optimizer.safetensors", "state.json"):
+            (out / left / name).write_text("")
+    before = sorted(out.rglob("*"))
+    result = CliRunner().invoke(app, ["compare", "multiply", "--algos", "grpo", "--model",
+                                      str(tmp_path / "none"), "--out", str(out)])
+    assert result.exit_code == 1 and "already holds a compare" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(out.rglob("*")) == before
+
+
 def test_final_eval_limit_is_checked_before_any_model_work(tmp_path):
     result = CliRunner().invoke(app, ["compare", "multiply", "--model", str(tmp_path / "none"),
                                       "--final-eval-limit", "0", "--out", str(tmp_path / "o")])
