@@ -184,20 +184,35 @@ HOW_NOT_WHAT = {"out", "max_memory", "microbatch_rows", "grad_checkpoint", "comp
                 "save_every", "report_to", "project_name", "samples_every", "samples_count"}
 
 
-def check_same_settings(what: str, saved: Path, cfg: TrainConfig, key: str | None = None):
+def check_same_settings(what: str, before: dict, now: dict):
     """--resume continues a compare only with the settings it started with: an arm trained
     half with one --lr and half with another, or scored beside arms of other settings, is no
-    comparison. `saved` is a JSON file holding the config (under `key`, if given)."""
-    if not saved.exists():
-        return
-    values = json.loads(saved.read_text())
-    before = asdict(config_from_dict(values[key] if key else values))
-    now = asdict(cfg)
+    comparison. `before`, `now`: settings by name."""
     changed = [name for name in now if name not in HOW_NOT_WHAT and before[name] != now[name]]
     if changed:
         diffs = ", ".join(f"--{n.replace('_', '-')} {before[n]!r} -> {now[n]!r}" for n in changed)
         raise ConfigError(f"--resume: {what} was run with other settings ({diffs}); use its "
                           f"settings again or choose another --out")
+
+
+def check_same_arm(name: str, arm_cfg: TrainConfig):
+    saved = Path(arm_cfg.out) / "config.json"
+    if saved.exists():
+        before = config_from_dict(json.loads(saved.read_text()))
+        check_same_settings(f"arm {name}", asdict(before), asdict(arm_cfg))
+
+
+def check_same_compare(out: Path, cfg: TrainConfig, final_limit: int):
+    """The shared settings, and the final evaluations' number of examples: a base and arms
+    scored on different examples have no paired counts. An older compare_config.json, without
+    final_eval_limit, is checked for the settings alone."""
+    saved = out / "compare_config.json"
+    if saved.exists():
+        values = json.loads(saved.read_text())
+        before = {**asdict(config_from_dict(values["config"])),
+                  "final_eval_limit": values.get("final_eval_limit", final_limit)}
+        check_same_settings("this compare", before,
+                            {**asdict(cfg), "final_eval_limit": final_limit})
 
 
 def check_not_started(out: Path, arms):
@@ -228,9 +243,9 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
     at_least("final_eval_limit", final_limit, 1)
     arms = arm_configs(cfg, arm_specs)
     if resume:  # before any work: every arm, started or finished, must match its settings
-        check_same_settings("this compare", out / "compare_config.json", cfg, key="config")
+        check_same_compare(out, cfg, final_limit)
         for name, arm_cfg in arms:
-            check_same_settings(f"arm {name}", Path(arm_cfg.out) / "config.json", arm_cfg)
+            check_same_arm(name, arm_cfg)
     else:
         check_not_started(out, arms)
     rows = []

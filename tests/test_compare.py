@@ -278,19 +278,25 @@ def test_head_to_head_pairs_each_later_arm_with_each_earlier_one():
                      ("t-spmo", "s-grpo"): (0, 2)}
 
 
-def test_a_finished_compare_tables_its_arms_against_the_base_and_each_other(tmp_path):
-    """--resume over finished arms (no model work): the paired counts reach compare.json and
-    compare.md in the right direction, from the records on disk."""
+def write_finished_compare(out):
+    """The base and arms grpo, t-spmo, each finished with its records of the same 5 questions:
+    --resume over them does no model work."""
     questions = ["a", "b", "c", "d", "e"]
     answers = {"base": [True, False, False, False, False], "grpo": [True, True, True, False, False],
                "t-spmo": [False, True, True, True, True]}
     for name, correct in answers.items():
-        (tmp_path / name / "eval").mkdir(parents=True)
-        (tmp_path / name / "eval" / "examples.jsonl").write_text(
+        (out / name / "eval").mkdir(parents=True)
+        (out / name / "eval" / "examples.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in records(questions, correct)))
-        (tmp_path / name / "final_eval.json").write_text(json.dumps(
+        (out / name / "final_eval.json").write_text(json.dumps(
             {"n": 5, "correct": sum(correct), "accuracy": sum(correct) / 5, "ci95": [0, 1],
              "format_rate": 1.0}))
+
+
+def test_a_finished_compare_tables_its_arms_against_the_base_and_each_other(tmp_path):
+    """--resume over finished arms (no model work): the paired counts reach compare.json and
+    compare.md in the right direction, from the records on disk."""
+    write_finished_compare(tmp_path)
     cfg = TrainConfig(task="multiply", out=str(tmp_path), eval_limit=5)
     rows, pairs = run_compare(cfg, ["grpo", "t-spmo"], resume=True)
     assert [(r.get("fixed_vs_base"), r.get("broke_vs_base")) for r in rows] == [
@@ -303,6 +309,31 @@ def test_a_finished_compare_tables_its_arms_against_the_base_and_each_other(tmp_
     assert "| 4/1 (p=0.38) |" in table and "| t-spmo | grpo | 2 | 1 | 1 |" in table
     base_cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
     assert base_cells[0] == "base" and base_cells[3] == ""  # no base against itself
+
+
+def test_resume_keeps_the_final_eval_limit_the_compare_started_with(tmp_path):
+    """Arms scored on another number of examples than the base have no paired counts: --resume
+    refuses another --final-eval-limit, also the one it defaults to (--eval-limit), in one line
+    and before any work (the model does not exist). An older compare_config.json, without
+    final_eval_limit, is not held to one."""
+    write_finished_compare(tmp_path)
+    args = ["compare", "multiply", "--algos", "grpo,t-spmo", "--eval-limit", "3", "--model",
+            str(tmp_path / "none"), "--out", str(tmp_path), "--resume"]
+    assert CliRunner().invoke(app, args + ["--final-eval-limit", "5"]).exit_code == 0
+    saved = tmp_path / "compare_config.json"
+    before = (saved.read_bytes(), saved.stat().st_mtime_ns)
+    for limit, change in ((["--final-eval-limit", "4"], "5 -> 4"), ([], "5 -> 3")):
+        result = CliRunner().invoke(app, args + limit)
+        assert result.exit_code == 1
+        assert result.stderr.strip() == (
+            f"error: --resume: this compare was run with other settings (--final-eval-limit "
+            f"{change}); use its settings again or choose another --out")
+    assert (saved.read_bytes(), saved.stat().st_mtime_ns) == before
+    older = json.loads(saved.read_text())
+    del older["final_eval_limit"]
+    saved.write_text(json.dumps(older))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
 
 
 def test_base_reference_scores_the_in_training_examples(tmp_path):
