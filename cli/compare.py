@@ -1,7 +1,6 @@
 """`compare`: base vs GRPO vs S-GRPO vs T-SPMO on one task, one table."""
 
 import inspect
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -93,7 +92,7 @@ def compare(**kwargs):
 
         with progress:
             try:
-                rows, pairs = run_compare(
+                result = run_compare(
                     cfg, specs, resume=resume, final_eval_limit=final_eval_limit, on_arm=on_arm,
                     on_step=lambda m: report_step(progress, arm["bar"], m, label=arm["name"]),
                     on_phase=lambda phase: progress.update(arm["bar"], phase=phase),
@@ -102,10 +101,9 @@ def compare(**kwargs):
                 console.print("interrupted: continue with the same command plus --resume")
                 raise typer.Exit(130)
             finish_arm()
-        print_tables(rows, pairs)
-        plotted = (Path(cfg.out) / "compare.png").exists()
+        print_tables(result.rows, result.pairs)
         console.print(f"wrote {cfg.out}/compare.json, compare.md" + (
-            " and compare.png" if plotted else "; no plot without matplotlib "
+            " and compare.png" if result.plot else "; no plot without matplotlib "
             "(pip install 'mlx-tokenrl[plot]')"), soft_wrap=True)
 
 

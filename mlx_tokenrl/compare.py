@@ -11,7 +11,7 @@ so the same command, table and plot serve a small hyperparameter sweep.
 
 import json
 import typing
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -227,11 +227,19 @@ def check_not_started(out: Path, arms):
                           "command plus --resume, or choose another --out")
 
 
+@dataclass
+class Comparison:
+    """What a compare wrote: the table rows (base first), the arms' `head_to_head` pairs and
+    the plot (None without matplotlib: a compare.png there is an earlier run's)."""
+    rows: list
+    pairs: list
+    plot: Path | None
+
+
 def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
                 final_eval_limit: int | None = None, on_arm=None, on_step=None,
                 on_phase=no_phase, on_eval=None):
-    """Run (or continue) every arm into cfg.out; returns the table rows (base first) and the
-    arms' `head_to_head` comparisons.
+    """Run (or continue) every arm into cfg.out; returns what it wrote (a `Comparison`).
 
     In-training evaluations (every cfg.eval_every steps) use the first cfg.eval_limit
     held-out examples; the base model and every trained arm are scored on the first
@@ -283,9 +291,9 @@ def run_compare(cfg: TrainConfig, arm_specs, resume: bool = False,
                                                   "head_to_head": pairs}, indent=2))
     write_whole(out / "compare.md", markdown_table(rows) + head_to_head_table(pairs))
     # The base line is drawn on the examples the curves were scored on.
-    plot(out, [(name, Path(arm_cfg.out)) for name, arm_cfg in arms],
-         cfg.eval_limit if cfg.eval_every else final_limit)
-    return rows, pairs
+    plotted = plot(out, [(name, Path(arm_cfg.out)) for name, arm_cfg in arms],
+                   cfg.eval_limit if cfg.eval_every else final_limit)
+    return Comparison(rows, pairs, plotted)
 
 
 def cell(row: dict, key: str, spec: str) -> str:

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_compare_writes_table_json_plot_and_resumes(tiny_model_dir, tmp_path):
     table = (out / "compare.md").read_text()
     assert "| grpo |" in table and "| t-spmo |" in table
     assert (out / "compare.png").stat().st_size > 10_000
+    assert "compare.md and compare.png" in result.output
     # Not a terminal: one plain line per step, named after its arm; the tables after them.
     for arm in ("grpo", "t-spmo"):
         steps = re.findall(rf"^{arm} step (\d+): reward .* GB$", result.output, re.MULTILINE)
@@ -298,7 +300,8 @@ def test_a_finished_compare_tables_its_arms_against_the_base_and_each_other(tmp_
     compare.md in the right direction, from the records on disk."""
     write_finished_compare(tmp_path)
     cfg = TrainConfig(task="multiply", out=str(tmp_path), eval_limit=5)
-    rows, pairs = run_compare(cfg, ["grpo", "t-spmo"], resume=True)
+    result = run_compare(cfg, ["grpo", "t-spmo"], resume=True)
+    rows, pairs = result.rows, result.pairs
     assert [(r.get("fixed_vs_base"), r.get("broke_vs_base")) for r in rows] == [
         (None, None), (2, 0), (4, 1)]
     assert [(p["arm"], p["against"], p["fixed"], p["broke"]) for p in pairs] == [
@@ -309,6 +312,20 @@ def test_a_finished_compare_tables_its_arms_against_the_base_and_each_other(tmp_
     assert "| 4/1 (p=0.38) |" in table and "| t-spmo | grpo | 2 | 1 | 1 |" in table
     base_cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
     assert base_cells[0] == "base" and base_cells[3] == ""  # no base against itself
+
+
+def test_without_matplotlib_an_earlier_runs_plot_is_not_reported_as_written(tmp_path,
+                                                                            monkeypatch):
+    write_finished_compare(tmp_path)
+    (tmp_path / "compare.png").write_bytes(b"an earlier run's plot")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    result = CliRunner().invoke(app, ["compare", "multiply", "--algos", "grpo,t-spmo",
+                                      "--eval-limit", "5", "--model", str(tmp_path / "none"),
+                                      "--out", str(tmp_path), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "compare.md; no plot without matplotlib" in result.output
+    assert "and compare.png" not in result.output
+    assert (tmp_path / "compare.png").read_bytes() == b"an earlier run's plot"
 
 
 def test_resume_keeps_the_final_eval_limit_the_compare_started_with(tmp_path):

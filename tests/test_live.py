@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.testing import CliRunner
 
+from mlx_tokenrl.compare import Comparison
 from mlx_tokenrl.config import TrainConfig
 from tokenrl_cli import common
 from tokenrl_cli import compare as compare_cli
@@ -127,7 +128,7 @@ def test_compare_shows_each_arm_and_its_evaluations(monkeypatch, tmp_path):
         seen["base after"] = (bars()[0].fields["phase"], bars()[0].fields["numbers"])
         row = {"arm": "base", "accuracy": 0.5, "ci95": [0.2, 0.8], "n": 6, "format_rate": 1.0,
                "delta_vs_base": None, "steps": 0}
-        return [row], []
+        return Comparison([row], [], plot=None)
 
     monkeypatch.setattr(compare_cli, "run_compare", fake_compare)
     result = CliRunner().invoke(app, ["compare", "multiply", "--algos", "grpo",
@@ -155,7 +156,8 @@ def test_help_states_the_defaults_the_command_runs_with(command, module, runner,
                                                         tmp_path):
     ran = []
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(module, runner, lambda cfg, *a, **kw: ran.append(cfg) or ([], []))
+    monkeypatch.setattr(module, runner,
+                        lambda cfg, *a, **kw: ran.append(cfg) or Comparison([], [], None))
     monkeypatch.setattr(compare_cli, "print_tables", lambda rows, pairs: None)
     result = CliRunner().invoke(app, [command, "multiply"])
     assert result.exit_code == 0, result.output
@@ -169,7 +171,8 @@ def test_help_states_the_defaults_the_command_runs_with(command, module, runner,
 def test_compare_default_out_yields_to_the_config_file(monkeypatch, tmp_path):
     (tmp_path / "run.yaml").write_text("task: multiply\nout: from-the-file\n")
     ran = []
-    monkeypatch.setattr(compare_cli, "run_compare", lambda cfg, *a, **kw: ran.append(cfg) or ([], []))
+    monkeypatch.setattr(compare_cli, "run_compare",
+                        lambda cfg, *a, **kw: ran.append(cfg) or Comparison([], [], None))
     monkeypatch.setattr(compare_cli, "print_tables", lambda rows, pairs: None)
     result = CliRunner().invoke(app, ["compare", "--config", str(tmp_path / "run.yaml")])
     assert result.exit_code == 0, result.output
