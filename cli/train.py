@@ -10,8 +10,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mlx_tokenrl.checkpoint import latest_checkpoint
-from mlx_tokenrl.config import (DTYPE_CHOICES, TrainConfig, at_least, config_from_dict, flag,
-                                one_of, output_dir)
+from mlx_tokenrl.config import (DEFAULT_MODEL, DTYPE_CHOICES, TrainConfig, at_least,
+                                config_from_dict, flag, one_of, output_dir,
+                                read_json_object)
 from mlx_tokenrl.launch import launched_rank
 from mlx_tokenrl.trainer import train as run_training
 
@@ -33,7 +34,7 @@ def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
         return config_from_dict({"out": str(run_dir)})
     if not saved.is_file():
         raise UserError(f"--resume {run_dir}: no config.json there (not a run directory)")
-    values = json.loads(saved.read_text())
+    values = read_json_object(saved, "a run's config.json")
     if cli_values.get("steps") is not None:
         values["steps"] = cli_values["steps"]
     values["out"] = str(run_dir)
@@ -81,9 +82,13 @@ def train(**kwargs):
                                                                     phase=phase))
             except KeyboardInterrupt:
                 shown.close()
-                if main:
-                    console.print(f"interrupted: checkpoint saved; continue with "
+                done = finished_steps(Path(cfg.out)) if main else 0
+                if main and done:
+                    console.print(f"interrupted: checkpoint of step {done} saved; continue with "
                                   f"tokenrl-mlx train --resume {cfg.out}", soft_wrap=True)
+                elif main:  # the trainer keeps finished steps only
+                    console.print("interrupted before a step finished: no checkpoint to "
+                                  "continue from; run the same command again", soft_wrap=True)
                 raise typer.Exit(130)
         if main:
             console.print(f"adapter written to {cfg.out} (use --adapter-path {cfg.out})", soft_wrap=True)
@@ -95,31 +100,45 @@ train.__signature__ = inspect.Signature(config_parameters([option_parameter(
              "--steps may extend it).", rich_help_panel="Bookkeeping")])]))
 
 
-def help_of(name: str):
-    """A TrainConfig setting's help text, for eval's option of the same name."""
-    return typer.Option(help=HELP[name][1])
+def help_of(name: str, default=None):
+    """A TrainConfig setting's help text, for eval's option of the same name. With `default`:
+    a setting eval takes from the adapter's run when not given."""
+    if default is None:
+        return typer.Option(help=HELP[name][1])
+    return typer.Option(help=f"{HELP[name][1]} (default: the adapter's run's, else {default})",
+                        show_default=False)
+
+
+RUNS_OR_NONE = "none"  # help text of eval's settings that default to the run's or to nothing
 
 
 def evaluate(
     task: Annotated[str, typer.Argument(help="svamp, gsm8k, multiply or custom.")],
-    model: Annotated[str, typer.Option(help="Hugging Face repo id, local mlx-lm directory or .gguf file.")] = TrainConfig.model,
+    model: Annotated[Optional[str], typer.Option(
+        help=f"Hugging Face repo id, local mlx-lm directory or .gguf file (default: the "
+             f"adapter's base model, else {DEFAULT_MODEL}).", show_default=False)] = None,
     adapter: Annotated[Optional[Path], typer.Option(
-        "--adapter-path", "--adapter", help="mlx-lm adapter directory (e.g. a train --out: its "
-        "config.json's --system-prompt and --instruction are used unless given here).")] = None,
+        "--adapter-path", "--adapter", help="mlx-lm adapter directory. A train --out also "
+        "brings its run's prompt and, for the task it trained on, its data, --digits, --seed "
+        "and verifier, unless given here.")] = None,
     split: Annotated[str, typer.Option(help="train or test.")] = "test",
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N examples.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Local data file or directory.")] = None,
-    digits: Annotated[str, typer.Option(help="multiply: operand digits, e.g. 3x3.")] = TrainConfig.digits,
-    reward_fn: Annotated[Optional[str], typer.Option(help="Custom verifier 'module:function' (the correctness reward).")] = None,
+    data: Annotated[Optional[str], help_of("data", "the task's dataset")] = None,
+    digits: Annotated[Optional[str], help_of("digits", TrainConfig.digits)] = None,
+    reward_fn: Annotated[Optional[str], typer.Option(
+        help="Custom verifier 'module:function' (the correctness reward; default: the adapter's "
+             "run's, else the task's).")] = None,
     system_prompt: Annotated[Optional[str], help_of("system_prompt")] = None,
     instruction: Annotated[Optional[str], help_of("instruction")] = None,
-    hf_dataset: Annotated[Optional[str], help_of("hf_dataset")] = None,
-    hf_config: Annotated[Optional[str], help_of("hf_config")] = None,
-    question_field: Annotated[Optional[str], help_of("question_field")] = None,
-    answer_field: Annotated[Optional[str], help_of("answer_field")] = None,
-    train_split: Annotated[str, help_of("train_split")] = TrainConfig.train_split,
-    test_split: Annotated[str, help_of("test_split")] = TrainConfig.test_split,
-    seed: Annotated[int, typer.Option(help="Seed of generated tasks (multiply).")] = 0,
+    hf_dataset: Annotated[Optional[str], help_of("hf_dataset", RUNS_OR_NONE)] = None,
+    hf_config: Annotated[Optional[str], help_of("hf_config", RUNS_OR_NONE)] = None,
+    question_field: Annotated[Optional[str], help_of("question_field", RUNS_OR_NONE)] = None,
+    answer_field: Annotated[Optional[str], help_of("answer_field", RUNS_OR_NONE)] = None,
+    train_split: Annotated[Optional[str], help_of("train_split", TrainConfig.train_split)] = None,
+    test_split: Annotated[Optional[str], help_of("test_split", TrainConfig.test_split)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Seed of generated tasks (multiply; default: the adapter's run's, else 0).",
+        show_default=False)] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest completion.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 32,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
@@ -127,26 +146,30 @@ def evaluate(
 ):
     """Greedy held-out accuracy (and the rate of '#### N' / '\\boxed{N}' answers) of a model, with or without adapter."""
     from mlx_tokenrl.evaluate import evaluate as run_eval, write_eval
-    from mlx_tokenrl.models import load_model
-    from mlx_tokenrl.tasks import adapter_prompt, load_task
+    from mlx_tokenrl.models import adapter_model, load_model
+    from mlx_tokenrl.tasks import adapter_prompt, adapter_task_settings, load_task
 
     with reported_errors():
         if limit is not None:
             at_least("limit", limit, 1)
-        at_least("seed", seed, 0)
+        if seed is not None:
+            at_least("seed", seed, 0)
         at_least("max_new_tokens", max_new_tokens, 1)
         at_least("batch_size", batch_size, 1)
         one_of("dtype", dtype, DTYPE_CHOICES)
         out = out or (Path(adapter) if adapter else Path("runs")) / f"eval-{task}-{split}"
         output_dir("out", out)
         prompt = adapter_prompt(adapter, instruction, system_prompt)
-        loaded = load_task(task, data=data, digits=digits, seed=seed, reward_fn=reward_fn,
-                           instruction=prompt.instruction, system_prompt=prompt.system_prompt,
-                           hf_dataset=hf_dataset, hf_config=hf_config, question_field=question_field,
-                           answer_field=answer_field, train_split=train_split, test_split=test_split)
+        settings = adapter_task_settings(adapter, task, dict(
+            data=data, digits=digits, seed=seed, reward_fn=reward_fn, hf_dataset=hf_dataset,
+            hf_config=hf_config, question_field=question_field, answer_field=answer_field,
+            train_split=train_split, test_split=test_split))
+        loaded = load_task(task, instruction=prompt.instruction,
+                           system_prompt=prompt.system_prompt, **settings)
         examples = loaded.split(split)[:limit]
         if not examples:
             raise UserError(f"{task} {split} split has no examples")
+        model = adapter_model(model, adapter)
         net, tokenizer = load_model(model, adapter_path=adapter, dtype=dtype)
         progress = Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),
                             MofNCompleteColumn(), TimeRemainingColumn(), console=console)

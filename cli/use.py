@@ -11,8 +11,9 @@ from mlx_tokenrl.models import first_line
 
 from .common import UserError, err_console, reported_errors
 
-ModelOpt = Annotated[str, typer.Option(
-    help="Base model: hub id, local mlx-lm directory, fused directory or .gguf file.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    help=f"Base model: hub id, local mlx-lm directory, fused directory or .gguf file (default: "
+         f"the adapter's base model, else {DEFAULT_MODEL}).", show_default=False)]
 # mlx-lm spells it --adapter-path; --adapter is the older name here.
 AdapterOpt = Annotated[Optional[Path], typer.Option(
     "--adapter-path", "--adapter",
@@ -30,7 +31,7 @@ def fuse(
     adapter: Annotated[Path, typer.Option(
         "--adapter-path", "--adapter", help="LoRA adapter directory to merge into the model.")],
     out: Annotated[Path, typer.Option(help="Directory to write the fused mlx-lm model to.")],
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = None,
     dequantize: Annotated[bool, typer.Option(
         help="Write full-precision weights even if the base model is quantized.")] = False,
     upload: Annotated[Optional[str], typer.Option(
@@ -38,9 +39,11 @@ def fuse(
 ):
     """Merge a LoRA adapter into its base model: a standalone mlx-lm model directory."""
     from mlx_tokenrl import fuse as fusing
+    from mlx_tokenrl.models import adapter_model
 
     with reported_errors():
         output_dir("out", out)
+        model = adapter_model(model, adapter)
         if Path(model).expanduser().resolve() == out.expanduser().resolve():
             raise UserError("--out must differ from --model: the base model would be overwritten")
         out_dir = fusing.fuse_adapter(model, adapter, out, dequantize=dequantize)
@@ -100,7 +103,7 @@ def _chat_prompt(tokenizer, messages):
 
 
 def chat(
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = None,
     adapter: AdapterOpt = None,
     system: SystemOpt = None,
     instruction: InstructionOpt = None,
@@ -109,11 +112,13 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
 ):
     """Multi-turn chat in the terminal. /reset starts over, /exit or Ctrl-D quits."""
+    from mlx_tokenrl.models import adapter_model
     from mlx_tokenrl.tasks import user_message
 
     with reported_errors():
         check_sampling(temperature, max_tokens, top_p=top_p)
         prompt = _prompt_settings(adapter, instruction, system)
+        model = adapter_model(model, adapter)
         net, tokenizer = _load(model, adapter)
         if not tokenizer.has_chat_template:
             raise UserError(f"model {model!r} has no chat template; use `generate --raw`")
@@ -147,7 +152,7 @@ def chat(
 
 def generate(
     prompt: Annotated[str, typer.Option(help="The prompt; '-' reads it from stdin.")],
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = None,
     adapter: AdapterOpt = None,
     system: SystemOpt = None,
     instruction: InstructionOpt = None,
@@ -161,6 +166,7 @@ def generate(
     the adapter's run's system prompt and instruction."""
     import mlx.core as mx
 
+    from mlx_tokenrl.models import adapter_model
     from mlx_tokenrl.rollout import encode_prompts
     from mlx_tokenrl.tasks import format_prompt
 
@@ -173,7 +179,7 @@ def generate(
         if prompt == "-":
             prompt = sys.stdin.read()
         settings = _prompt_settings(adapter, instruction, system)
-        net, tokenizer = _load(model, adapter)
+        net, tokenizer = _load(adapter_model(model, adapter), adapter)
         if not raw:  # token ids exactly as training encodes its prompts
             prompt = encode_prompts(tokenizer, [format_prompt(
                 tokenizer, prompt, settings.instruction, settings.system_prompt)])[0]

@@ -1,6 +1,7 @@
 """Every setting of a training run, in one dataclass: the CLI's options, the YAML config
 file's keys and the library's arguments are all generated from it."""
 
+import json
 import math
 import types
 import typing
@@ -230,6 +231,18 @@ def trackers_installed(names):
         # mlx-lm keeps each tracker's module under its own name, None when the import failed.
         require(getattr(callbacks, name) is not None,
                 f"--report-to {name}: the {name} package is not installed (pip install {name})")
+
+
+def read_json_object(path, what: str) -> dict:
+    """A JSON object from a file a run or adapter left (config.json, adapter_config.json): one
+    line naming the file if it is damaged, rather than a traceback from deep inside a command."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not {what} ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: not {what} (not a mapping)")
+    return values
 
 
 def config_from_dict(values: dict) -> TrainConfig:

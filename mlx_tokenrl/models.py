@@ -15,7 +15,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from .dtypes import checkpoint_dtype, resolve_dtype
 from . import backend
 from .hub import cached_model_path, unreachable_reason
-from .config import DEFAULT_MODEL, ConfigError
+from .config import DEFAULT_MODEL, ConfigError, read_json_object
 
 
 class ModelLoadError(Exception):
@@ -113,6 +113,24 @@ def load_model(model: str = DEFAULT_MODEL, adapter_path=None, dtype: str = "auto
         load_adapter(net, adapter_path, model)
     mx.eval(net.parameters())
     return net, tokenizer
+
+
+def adapter_model(model: str | None, adapter_path) -> str:
+    """`model` if given, else the model the adapter was trained on as its adapter_config.json
+    names it (ours: base_model; mlx-lm's lora: model), else the default. Said on stderr when
+    it comes from the adapter, since a relative path there is read from the current directory."""
+    if model is not None:
+        return model
+    config = Path(adapter_path) / "adapter_config.json" if adapter_path is not None else None
+    if config is None or not config.is_file():
+        return DEFAULT_MODEL
+    saved = read_json_object(config, "an adapter config")
+    base = saved.get("base_model") or saved.get("model")
+    if not base:
+        return DEFAULT_MODEL
+    print(f"model: {base} (the adapter's base model; --model picks another)", file=sys.stderr,
+          flush=True)
+    return base
 
 
 def check_adapter_files(adapter_path):

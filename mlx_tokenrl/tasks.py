@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .config import read_json_object
 from .hub import unreachable_reason
 from .models import first_line
 from .rewards import MARKER, exact_match_reward, load_reward_fns, numeric_reward, parse_number
@@ -435,25 +436,43 @@ class PromptSettings:
     system_prompt: str | None
 
 
+def saved_run(adapter: str | Path | None) -> dict | None:
+    """The config.json of the training run whose directory holds `adapter`; None for no
+    adapter or one made elsewhere (mlx-lm's lora writes no config.json)."""
+    saved = Path(adapter) / "config.json" if adapter is not None else None
+    if saved is None or not saved.is_file():
+        return None
+    return read_json_object(saved, "a run's config.json")
+
+
 def adapter_prompt(adapter: str | Path | None, instruction: str | None, system_prompt: str | None,
                    default_instruction: str | None = None) -> PromptSettings:
     """The prompt to ask with an adapter: what is given here, else what the training run that
     wrote the adapter (its run directory) saved in its config.json, else no system prompt and
-    `default_instruction`. An adapter made elsewhere (mlx-lm's lora) has no config.json."""
-    saved = Path(adapter) / "config.json" if adapter is not None else None
-    if saved is None or not saved.is_file():
+    `default_instruction`."""
+    run = saved_run(adapter)
+    if run is None:
         return PromptSettings(instruction if instruction is not None else default_instruction,
                               system_prompt)
-    try:
-        run = json.loads(saved.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TaskError(f"{saved}: not a run's config.json ({exc})") from None
-    if not isinstance(run, dict):
-        raise TaskError(f"{saved}: not a run's config.json (not a mapping)")
     if instruction is None:
         # A run that left it unset asked with the task's own: every built-in task's.
         instruction = INSTRUCTION if run.get("instruction") is None else run["instruction"]
     return PromptSettings(instruction, system_prompt if system_prompt is not None else run.get("system_prompt"))
+
+
+# What picks a task's examples and scores them; `eval` of a run's adapter takes them from the run.
+RUN_TASK_SETTINGS = ("data", "digits", "seed", "reward_fn", *CUSTOM_ONLY)
+
+
+def adapter_task_settings(adapter: str | Path | None, task: str, given: dict) -> dict:
+    """load_task's settings for scoring an adapter on `task`: those given (not None), else the
+    training run's own when it trained on this task, so `eval` reads the run's data and, for
+    multiply, draws the test problems of the run's seed (another seed's test set overlaps the
+    run's training problems). Settings neither given nor saved are left to load_task."""
+    run = saved_run(adapter)
+    same_task = run is not None and str(run.get("task", "")).lower() == task.strip().lower()
+    settings = {k: v if v is not None or not same_task else run.get(k) for k, v in given.items()}
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def task_from_config(cfg) -> Task:

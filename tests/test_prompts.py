@@ -1,5 +1,6 @@
 """Prompt control: --system-prompt and --instruction shape the training prompt, are saved in
-the run's config.json, and eval, generate and chat ask the same question with its adapter."""
+the run's config.json, and eval, generate and chat ask the same question with its adapter
+(eval also the run's own test problems, and all of them load the adapter's base model)."""
 
 import json
 import shutil
@@ -108,6 +109,56 @@ def test_eval_with_the_runs_adapter_asks_its_question(run_dir, tiny_model_dir, t
     result = run(*eval_args, "--out", tmp_path / "base")
     assert eval_prompts(tmp_path / "base") == [format_prompt(tokenizer, ex.question)
                                                for ex in task.test[:2]]
+
+
+def run_copy(run_dir, where, **changes):
+    """A copy of the one-step run whose config.json says it was trained with `changes`."""
+    shutil.copytree(run_dir, where)
+    config = json.loads((where / "config.json").read_text())
+    (where / "config.json").write_text(json.dumps({**config, **changes}))
+    return where
+
+
+def eval_questions(out):
+    return [json.loads(line)["question"] for line in open(out / "examples.jsonl")]
+
+
+def test_eval_of_a_runs_adapter_scores_the_runs_own_test_problems(run_dir, tiny_model_dir,
+                                                                   tmp_path):
+    """Multiply draws its test problems from the seed: another seed's overlap the run's
+    training problems. And without --model, the model is the one the adapter was trained on."""
+    copy = run_copy(run_dir, tmp_path / "run", seed=3, digits="2x1")
+    result = run("eval", "multiply", "--adapter-path", copy, "--limit", 4, "--max-new-tokens", 2,
+                 "--out", tmp_path / "own")
+    assert result.exit_code == 0, result.output
+    assert f"model: {tiny_model_dir} (the adapter's base model" in result.stderr
+    runs_test = [ex.question for ex in load_task("multiply", digits="2x1", seed=3).test[:4]]
+    assert eval_questions(tmp_path / "own") == runs_test
+    assert runs_test != [ex.question for ex in load_task("multiply", digits="2x1").test[:4]]
+    # Flags given win over the run's.
+    result = run("eval", "multiply", "--adapter-path", copy, "--limit", 4, "--max-new-tokens", 2,
+                 "--seed", 0, "--digits", "1x1", "--model", tiny_model_dir, "--out", tmp_path / "given")
+    assert result.exit_code == 0, result.output
+    assert "adapter's base model" not in result.stderr
+    assert eval_questions(tmp_path / "given") == [ex.question for ex in load_task(
+        "multiply", digits="1x1").test[:4]]
+
+
+def test_eval_takes_the_runs_data_only_for_the_task_it_trained_on(run_dir, tmp_path):
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"q": f"What is {i} plus 1?", "a": str(i + 1)}) + "\n"
+                            for i in range(3)))
+    copy = run_copy(run_dir, tmp_path / "run", task="custom", data=str(data), question_field="q",
+                    answer_field="a")
+    args = ["--adapter-path", copy, "--max-new-tokens", 2]
+    result = run("eval", "custom", *args, "--out", tmp_path / "custom")
+    assert result.exit_code == 0, result.output
+    assert eval_questions(tmp_path / "custom") == [f"What is {i} plus 1?" for i in range(3)]
+    # On another task the run's data and fields would be wrong (multiply refuses the fields).
+    result = run("eval", "multiply", *args, "--digits", "1x1", "--limit", 2, "--out", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    assert eval_questions(tmp_path / "m") == [ex.question for ex in load_task(
+        "multiply", digits="1x1").test[:2]]
 
 
 @pytest.fixture

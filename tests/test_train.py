@@ -105,6 +105,21 @@ def cli_train(*args):
     return CliRunner().invoke(app, ["train", *map(str, args)])
 
 
+def test_ctrl_c_in_the_first_step_does_not_promise_a_checkpoint(tiny_model_dir, dense_task,
+                                                                 tmp_path, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run_step", ctrl_c)
+    result = cli_train(dense_task["task"], "--data", dense_task["data"], "--reward-fn",
+                       dense_task["reward_fn"], "--model", tiny_model_dir, "--steps", 3,
+                       "--prompts-per-step", 2, "--group-size", 4, "--max-new-tokens", 8,
+                       "--out", tmp_path / "run")
+    assert result.exit_code == 130
+    assert "no checkpoint to continue from" in result.output
+    assert "saved" not in result.output and "--resume" not in result.output
+
+
 def test_resume_keeps_an_extended_step_count(tiny_model_dir, dense_task, tmp_path, monkeypatch):
     """Extend a finished run with --steps, Ctrl-C, then the printed resume command (no
     --steps) trains up to the extended count (it used to show 4/3 and train nothing)."""
@@ -123,6 +138,7 @@ def test_resume_keeps_an_extended_step_count(tiny_model_dir, dense_task, tmp_pat
     monkeypatch.setattr(trainer, "run_step", ctrl_c_in_step_5)
     result = cli_train("--resume", out, "--steps", 6)
     assert result.exit_code == 130 and f"tokenrl-mlx train --resume {out}" in result.output
+    assert "checkpoint of step 4 saved" in result.output
     assert json.loads((out / "config.json").read_text())["steps"] == 6
     assert (out / "checkpoints" / "latest").read_text() == "step-000004"
     monkeypatch.setattr(trainer, "run_step", real)
@@ -282,3 +298,12 @@ def test_solve_metrics_separate_correctness_from_bonus_signal(tiny_model_dir, de
         else:
             assert 0 < m["solve_rate"] < 1
             assert m["solved_signal_fraction"] == m["signal_fraction"]
+
+
+@pytest.mark.parametrize("command", [["train", "--resume"], ["eval", "multiply", "--adapter-path"]])
+@pytest.mark.parametrize("damage", ["{half written", "[1, 2]"])
+def test_a_damaged_run_config_is_one_line(tmp_path, command, damage):
+    (tmp_path / "config.json").write_text(damage)
+    result = CliRunner().invoke(app, [*command, str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{tmp_path / 'config.json'}: not a run's config.json" in result.stderr

@@ -1,6 +1,7 @@
 """fuse / chat / generate on a tiny random model with a non-zero LoRA adapter."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,3 +302,30 @@ def test_every_command_reads_adapter_path_and_adapter(dirs, tmp_path):
                "--model", tmp_path / "fused").stdout == new.stdout
     chat = run("chat", "--model", dirs["base"], "--adapter-path", dirs["other"], "--max-tokens", 2)
     assert chat.exit_code == 1 and "missing adapter_config.json" in chat.stderr
+
+
+def test_without_model_every_command_loads_the_adapters_base_model(dirs, tmp_path):
+    prompt = ["generate", "--prompt", PROMPTS[0], "--max-tokens", 8]
+    given = run(*prompt, "--model", dirs["base"], "--adapter-path", dirs["adapter"])
+    taken = run(*prompt, "--adapter-path", dirs["adapter"])
+    assert taken.exit_code == given.exit_code == 0, taken.output
+    assert taken.stdout == given.stdout
+    assert f"model: {dirs['base']} (the adapter's base model" in taken.stderr
+    # mlx-lm's lora writes the model it trained on under "model".
+    sft = mlx_lm_style_adapter(dirs, tmp_path)
+    result = run(*prompt, "--adapter-path", sft)
+    assert result.exit_code == 0 and f"model: {dirs['base']} (" in result.stderr, result.output
+    chat = run("chat", "--adapter-path", dirs["adapter"], "--max-tokens", 8, input="/exit\n")
+    assert chat.exit_code == 0 and f"model: {dirs['base']} (" in chat.stderr, chat.output
+    result = run("fuse", "--adapter-path", dirs["adapter"], "--out", tmp_path / "fused")
+    assert result.exit_code == 0, result.output
+    assert run("generate", "--prompt", PROMPTS[0], "--max-tokens", 8,
+               "--model", tmp_path / "fused").stdout == given.stdout
+
+
+def test_an_unreadable_adapter_config_is_one_line(dirs, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(dirs["adapter"], adapter)
+    (adapter / "adapter_config.json").write_text("{not json")
+    result = run("generate", "--prompt", PROMPTS[0], "--adapter-path", adapter)
+    assert result.exit_code == 1 and "adapter_config.json: not an adapter config" in result.stderr
