@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from .config import read_json_object
 from .hub import unreachable_reason
-from .models import first_line
+from .models import first_line, warn_once
 from .rewards import MARKER, exact_match_reward, load_reward_fns, numeric_reward, parse_number
 
 INSTRUCTION = "Think step by step, then give the final answer as a single number after '####'."
@@ -195,6 +195,9 @@ def _split_paths(data: str, task: str, names: dict[str, str]) -> dict[str, Path]
     `data` (NAME: the split's name there, `names[split]`)."""
     path = Path(data).expanduser()
     if path.is_file():
+        warn_once(f"--data {data}: one file serves as both train and test split, so held-out "
+                  f"accuracy is measured on training examples; a directory with train and test "
+                  f"files keeps them apart")
         return {split: path for split in SPLITS}
     if not path.is_dir():
         raise TaskError(f"{path}: no such file or directory (data for task {task!r})")
