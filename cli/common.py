@@ -49,12 +49,20 @@ def print_error(message: str):
 
 @contextlib.contextmanager
 def reported_errors():
-    """A user error becomes one line and exit code 1. Anything else is a bug (MLX, for one,
-    raises shape errors as ValueError): its traceback, one line saying so, exit code 70."""
+    """A user error becomes one line and exit code 1; a failing --reward-fn function too, after
+    its traceback. Anything else is a bug (MLX, for one, raises shape errors as ValueError):
+    its traceback, one line saying so, exit code 70."""
+    from mlx_tokenrl.rewards import RewardFunctionError
+
     try:
         yield
     except user_error_types() as exc:
         print_error(str(exc))
+        raise typer.Exit(EXIT_USER_ERROR)
+    except RewardFunctionError as exc:  # the user's code: its traceback helps them fix it
+        if exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)
+        print_error(f"{exc} (a problem in your reward function, not in tokenrl-mlx)")
         raise typer.Exit(EXIT_USER_ERROR)
     except (typer.Exit, typer.Abort):
         raise

@@ -256,7 +256,32 @@ def _import_module(name: str):
     return importlib.import_module(name)
 
 
-def load_reward_fn(spec: str) -> Callable[[str, str], float]:
+class RewardFunctionError(Exception):
+    """A --reward-fn function raised, or returned no number: a bug in the user's function,
+    to be shown with its own traceback and a line naming it, not as one of tokenrl-mlx's."""
+
+
+@dataclass(frozen=True)
+class UserReward:
+    """A reward function the user named with --reward-fn; its result as a float."""
+    spec: str
+    fn: Callable[[str, str], float]
+
+    def __call__(self, completion: str, answer) -> float:
+        try:
+            value = self.fn(completion, answer)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[:1] or [""]
+            raise RewardFunctionError(f"--reward-fn {self.spec} raised {type(exc).__name__}"
+                                      f"{': ' + reason[0] if reason[0] else ''}") from exc
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RewardFunctionError(f"--reward-fn {self.spec} returned {value!r}, not a "
+                                      f"number") from None
+
+
+def load_reward_fn(spec: str) -> UserReward:
     """Load a reward function `fn(completion, answer) -> float` from "module:function" or "file.py:function"."""
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
@@ -270,7 +295,7 @@ def load_reward_fn(spec: str) -> Callable[[str, str], float]:
         raise ValueError(f"cannot load reward function {spec!r}: {module_name} has no attribute {attr!r}")
     if not callable(fn):
         raise ValueError(f"reward function {spec!r} is not callable")
-    return fn
+    return UserReward(spec, fn)
 
 
 def load_reward_fns(specs: list[str], weights: list[float] | None = None) -> WeightedRewards:

@@ -413,6 +413,11 @@ def load_task(name: str, data: str | None = None, digits: str = "3x3", seed: int
     task = loader(data=data, digits=digits, seed=seed, train_size=train_size, test_size=test_size,
                   name=key, **given)
     if reward is not None:
+        # A verifier that fails on any input fails here, before the model loads, rather than
+        # minutes into the first step: scored on a training answer given as the completion.
+        first = task.train[0] if task.train else None
+        if first is not None:
+            reward.scores(str(first.answer), first.answer)
         task.reward = reward
     if instruction is not None:
         task.instruction = instruction

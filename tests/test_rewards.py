@@ -189,7 +189,7 @@ def test_exact_match_reward(completion, answer, reward):
 
 def test_load_reward_fn_module():
     fn = load_reward_fn("mlx_tokenrl.rewards:numeric_reward")
-    assert fn is numeric_reward
+    assert fn.fn is numeric_reward
 
 
 def test_load_reward_fn_file(tmp_path):
@@ -390,3 +390,78 @@ def test_eval_counts_correct_by_the_first_function(tiny, several):
     summary, records = evaluate(model, tokenizer, task, examples, max_new_tokens=3)
     assert [r["correct"] for r in records] == [False, True, False, True]
     assert summary["accuracy"] == 0.5
+
+
+FAILING = """
+def always(completion, answer):
+    return 1 / 0
+
+
+def off_answer(completion, answer):  # fine on the answer itself, fails on anything else
+    if completion == str(answer):
+        return 1.0
+    raise KeyError("no such field in " + completion[:10])
+
+
+def verdict(completion, answer):
+    return "yes"
+
+
+def numpy_like(completion, answer):
+    return True
+"""
+
+
+@pytest.fixture
+def failing(tmp_path):
+    path = tmp_path / "failing.py"
+    path.write_text(FAILING)
+    return lambda name: f"{path}:{name}"
+
+
+def test_a_failing_reward_function_is_named_with_its_error(failing):
+    from mlx_tokenrl.rewards import RewardFunctionError
+
+    with pytest.raises(RewardFunctionError) as info:
+        load_reward_fn(failing("always"))("x", "1")
+    assert str(info.value) == f"--reward-fn {failing('always')} raised ZeroDivisionError: division by zero"
+    assert isinstance(info.value.__cause__, ZeroDivisionError)  # the user's traceback
+    with pytest.raises(RewardFunctionError, match="returned 'yes', not a number"):
+        load_reward_fn(failing("verdict"))("x", "1")
+    assert load_reward_fn(failing("numpy_like"))("x", "1") == 1.0
+
+
+@pytest.fixture
+def sums(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(f'{{"prompt": "What is {i} plus 1?", "answer": "{i + 1}"}}\n'
+                            for i in range(4)))
+    return str(path)
+
+
+def test_a_reward_function_that_fails_on_any_input_stops_the_task_loading(failing, sums):
+    from mlx_tokenrl.rewards import RewardFunctionError
+    from mlx_tokenrl.tasks import load_task
+
+    for name in ("always", "verdict"):
+        with pytest.raises(RewardFunctionError, match=f"--reward-fn {failing(name)}"):
+            load_task("custom", data=sums, reward_fn=[failing("off_answer"), failing(name)])
+    load_task("custom", data=sums, reward_fn=failing("off_answer"))
+
+
+def test_a_reward_function_failing_in_training_is_the_users_error(failing, sums, tiny_model_dir,
+                                                                   tmp_path):
+    from typer.testing import CliRunner
+
+    from tokenrl_cli.main import app
+
+    result = CliRunner().invoke(app, [
+        "train", "custom", "--data", sums, "--reward-fn", failing("off_answer"), "--model",
+        str(tiny_model_dir), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+        "--max-new-tokens", "4", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert 'raise KeyError("no such field in "' in result.stderr  # where in their function
+    assert (f"error: --reward-fn {failing('off_answer')} raised KeyError: 'no such field in"
+            in " ".join(result.stderr.split()))
+    assert "a problem in your reward function" in result.stderr
+    assert "internal error" not in result.stderr
