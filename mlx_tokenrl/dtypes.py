@@ -26,11 +26,14 @@ def checkpoint_dtype(config: dict) -> mx.Dtype | None:
 
 
 def resolve_dtype(name, checkpoint=None):
-    """`auto`: float32 on CPU (half-precision matmul is slow there), else the checkpoint's."""
+    """`auto`: float32 on CPU (half-precision matmul is slow there); on a GPU the checkpoint's
+    half precision, and bfloat16 for a float32 checkpoint (a GGUF conversion, some small
+    models), which would double the memory and the time of every step there."""
     if name == "auto":
         if not default_device_is_gpu():
             return mx.float32
-        return checkpoint or mx.bfloat16
+        half = checkpoint is not None and checkpoint in (mx.float16, mx.bfloat16)
+        return checkpoint if half else mx.bfloat16
     try:
         return DTYPES[name]
     except KeyError:

@@ -41,6 +41,16 @@ def test_compute_dtype_choice():
         resolve_dtype("half")
 
 
+def test_auto_computes_in_half_precision_on_a_gpu(monkeypatch):
+    from mlx_tokenrl import dtypes
+
+    monkeypatch.setattr(dtypes, "default_device_is_gpu", lambda: True)
+    assert resolve_dtype("auto", mx.float16) == mx.float16
+    for stored in (mx.bfloat16, mx.float32, None):
+        assert resolve_dtype("auto", stored) == mx.bfloat16, stored
+    assert resolve_dtype("float32", mx.bfloat16) == mx.float32
+
+
 def test_fuse_stores_the_checkpoint_dtype_named_by_the_new_key(tmp_path):
     """Computed in float32 on CPU, the fused model is saved back in the base's dtype."""
     base = build_toy_model(tmp_path / "base")
