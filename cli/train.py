@@ -10,8 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mlx_tokenrl.checkpoint import latest_checkpoint
-from mlx_tokenrl.config import (DEFAULT_MODEL, DTYPE_CHOICES, TrainConfig, at_least,
-                                config_from_dict, flag, one_of, output_dir,
+from mlx_tokenrl.config import (DEFAULT_MODEL, DTYPE_CHOICES, HOW_NOT_WHAT, TrainConfig,
+                                at_least, config_from_dict, flag, one_of, output_dir,
                                 read_json_object)
 from mlx_tokenrl.launch import launched_rank
 from mlx_tokenrl.trainer import train as run_training
@@ -20,14 +20,19 @@ from .common import (HELP, UserError, config_parameters, console, new_config, op
                      report_step, reported_errors, step_progress)
 
 
+# What a resume may change: how long the run is, and how its steps are computed or recorded
+# (--max-memory on another Mac), never what is learned. The trainer saves the result into
+# config.json, so a later plain --resume keeps it.
+RESUME_MAY_CHANGE = {"steps"} | HOW_NOT_WHAT - {"out"}
+
+
 def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
-    """The run's saved config. --steps is the one setting a resume may change (the trainer
-    saves it into config.json, so a later plain --resume keeps it)."""
-    given = [("TASK" if k == "task" else flag(k)) for k, v in cli_values.items()
-             if v is not None and k != "steps"]
-    if given:
-        raise UserError(f"--resume continues with the run's saved settings; only --steps may "
-                        f"change (drop {', '.join(given)})")
+    """The run's saved config, with the RESUME_MAY_CHANGE settings given now."""
+    given = {k: v for k, v in cli_values.items() if v is not None}
+    refused = [("TASK" if k == "task" else flag(k)) for k in given if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise UserError(f"--resume continues with the run's saved settings; only --steps and "
+                        f"how steps run (e.g. --max-memory) may change (drop {', '.join(refused)})")
     saved = run_dir / "config.json"
     if not saved.is_file() and (launched_rank() or 0) > 0:
         # Another host of a multi-host run: rank 0 sends its saved config and checkpoint.
@@ -35,8 +40,9 @@ def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
     if not saved.is_file():
         raise UserError(f"--resume {run_dir}: no config.json there (not a run directory)")
     values = read_json_object(saved, "a run's config.json")
-    if cli_values.get("steps") is not None:
-        values["steps"] = cli_values["steps"]
+    if {"max_memory", "microbatch_rows"} & given.keys():  # either one replaces the other
+        values.update(max_memory=None, microbatch_rows=None)
+    values.update(given)
     values["out"] = str(run_dir)
     cfg = config_from_dict(values)
     cfg.validate()
@@ -97,7 +103,8 @@ def train(**kwargs):
 train.__signature__ = inspect.Signature(config_parameters([option_parameter(
     "resume", Annotated[Optional[Path], typer.Option(
         help="Continue the run in this directory from its last checkpoint (its saved config; "
-             "--steps may extend it).", rich_help_panel="Bookkeeping")])]))
+             "--steps may extend it, and the settings of how steps run may change, e.g. "
+             "--max-memory).", rich_help_panel="Bookkeeping")])]))
 
 
 def help_of(name: str, default=None):

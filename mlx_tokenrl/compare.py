@@ -18,7 +18,8 @@ import numpy as np
 
 from .checkpoint import atomic_write_bytes, latest_checkpoint
 from .compare_plot import ArmCurves, BaseReference, save_figure
-from .config import ALGOS, ConfigError, TrainConfig, at_least, coerce, config_from_dict
+from .config import (ALGOS, HOW_NOT_WHAT, ConfigError, TrainConfig, at_least, coerce,
+                     config_from_dict)
 from .evaluate import evaluate, sign_test_p, write_eval
 from .models import check_lora_fits, load_model
 from .tasks import task_from_config
@@ -176,12 +177,6 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
                    solved_signal_fraction=float(np.mean([m["solved_signal_fraction"]
                                                          for m in metrics])))
     return row
-
-
-# Settings that change how a step is computed or recorded, not what is learned: a resumed
-# compare may change them (e.g. a smaller --max-memory when two arms share a machine).
-HOW_NOT_WHAT = {"out", "max_memory", "microbatch_rows", "grad_checkpoint", "compile",
-                "save_every", "report_to", "project_name", "samples_every", "samples_count"}
 
 
 def check_same_settings(what: str, before: dict, now: dict):

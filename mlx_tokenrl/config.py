@@ -245,6 +245,13 @@ def read_json_object(path, what: str) -> dict:
     return values
 
 
+# Settings that change how a step is computed or recorded, not what is learned: a resumed run
+# or compare may change them (e.g. a smaller --max-memory on another Mac, or when two arms
+# share a machine).
+HOW_NOT_WHAT = {"out", "max_memory", "microbatch_rows", "grad_checkpoint", "compile",
+                "save_every", "report_to", "project_name", "samples_every", "samples_count"}
+
+
 def config_from_dict(values: dict) -> TrainConfig:
     """Build a config from a YAML/JSON mapping; keys may use dashes or underscores."""
     known = {f.name for f in fields(TrainConfig)}

@@ -156,12 +156,24 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_model_dir, dense_task, tm
     assert result.exit_code == 0, result.output
     assert f"{out}: already at step 2 of 2" in result.stdout
     for args, message in [(["--steps", 1], "--steps 1: the run in"),
-                          (["--lr", "1e-3"], "only --steps may change (drop --lr)"),
+                          (["--lr", "1e-3", "--max-memory", 4], "(drop --lr)"),
                           (["--steps", 0], "--steps must be at least 1")]:
         result = cli_train("--resume", out, *args)
         assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
         assert message in result.stderr
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_resume_may_change_how_steps_run(tiny_model_dir, dense_task, tmp_path):
+    """On another Mac a run may need another memory budget; what is learned stays."""
+    out = train(config(tiny_model_dir, dense_task, tmp_path / "run", steps=1, save_every=1,
+                       algo="grpo", max_memory=8.0))
+    result = cli_train("--resume", out, "--steps", 2, "--microbatch-rows", 1, "--no-compile")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["steps"], saved["microbatch_rows"], saved["max_memory"], saved["compile"]) == \
+        (2, 1, None, False)
+    assert saved["lr"] == 3e-3 and len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.parametrize("poison", ["gradients", "loss"])
