@@ -113,7 +113,7 @@ def chat(
 ):
     """Multi-turn chat in the terminal. /reset starts over, /exit or Ctrl-D quits."""
     from mlx_tokenrl.models import adapter_model
-    from mlx_tokenrl.tasks import user_message
+    from mlx_tokenrl.tasks import format_prompt, user_message
 
     with reported_errors():
         check_sampling(temperature, max_tokens, top_p=top_p)
@@ -122,6 +122,8 @@ def chat(
         net, tokenizer = _load(model, adapter)
         if not tokenizer.has_chat_template:
             raise UserError(f"model {model!r} has no chat template; use `generate --raw`")
+        if prompt.system_prompt:  # a template that refuses it fails now, not at the first reply
+            format_prompt(tokenizer, "", "", prompt.system_prompt)
         tty = sys.stdin.isatty()
         if tty:
             err_console.print("[dim]/reset starts over, /exit or Ctrl-D quits[/]", highlight=False)
@@ -157,6 +159,7 @@ def generate(
     system: SystemOpt = None,
     instruction: InstructionOpt = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1 = off).")] = 1.0,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 512,
     raw: Annotated[bool, typer.Option(help="Feed the prompt as is: no chat template, system prompt or instruction.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling (temperature > 0).")] = 0,
@@ -171,7 +174,7 @@ def generate(
     from mlx_tokenrl.tasks import format_prompt
 
     with reported_errors():
-        check_sampling(temperature, max_tokens, seed=seed)
+        check_sampling(temperature, max_tokens, top_p=top_p, seed=seed)
         if raw and system:
             raise UserError("--system-prompt does not apply with --raw: put it in the prompt")
         if raw and instruction:
@@ -184,4 +187,4 @@ def generate(
             prompt = encode_prompts(tokenizer, [format_prompt(
                 tokenizer, prompt, settings.instruction, settings.system_prompt)])[0]
         mx.random.seed(seed)
-        _stream(net, tokenizer, prompt, max_tokens, _sampler(temperature))
+        _stream(net, tokenizer, prompt, max_tokens, _sampler(temperature, top_p))

@@ -115,6 +115,7 @@ CASES = [
     # generate, chat
     (GENERATE + ["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (GENERATE + ["--seed", "-1"], "--seed must be at least 0"),
+    (GENERATE + ["--top-p", "0"], "--top-p must be greater than 0"),
     (GENERATE + ["--raw", "--system", "be brief"], "--system-prompt does not apply with --raw"),
     (GENERATE + ["--raw", "--instruction", "be brief"], "--instruction does not apply with --raw"),
     (GENERATE + ["--adapter-path", "no-adapter"], "adapter no-adapter: missing adapter_config.json"),

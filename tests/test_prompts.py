@@ -228,6 +228,11 @@ def test_a_template_that_refuses_a_system_prompt_is_one_line(tiny_model_dir, tmp
     assert not out.exists()
     with pytest.raises(TaskError):
         format_prompt(load_model(str(model))[1], "q", system_prompt=SYSTEM)
+    for command in (["chat"], ["generate", "--prompt", "hi"]):
+        result = run(*command, "--model", model, "--system", SYSTEM, "--max-tokens", 2)
+        assert result.exit_code == 1, command
+        assert result.stderr.strip().startswith("error: --system-prompt: the model's chat "
+                                                "template refuses"), command
 
 
 def test_compare_scores_every_arm_with_the_runs_prompt(tiny_model_dir, tmp_path):

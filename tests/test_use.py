@@ -329,3 +329,13 @@ def test_an_unreadable_adapter_config_is_one_line(dirs, tmp_path):
     (adapter / "adapter_config.json").write_text("{not json")
     result = run("generate", "--prompt", PROMPTS[0], "--adapter-path", adapter)
     assert result.exit_code == 1 and "adapter_config.json: not an adapter config" in result.stderr
+
+
+def test_generate_samples_with_the_top_p_given(dirs, monkeypatch):
+    seen = []
+    real = use._sampler
+    monkeypatch.setattr(use, "_sampler", lambda *args: seen.append(args) or real(*args))
+    result = run("generate", "--model", dirs["base"], "--prompt", PROMPTS[0], "--max-tokens", 2,
+                 "--temperature", 0.7, "--top-p", 0.5)
+    assert result.exit_code == 0, result.output
+    assert seen == [(0.7, 0.5)]
