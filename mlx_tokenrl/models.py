@@ -103,9 +103,9 @@ def load_model(model: str = DEFAULT_MODEL, adapter_path=None, dtype: str = "auto
     except ModelLoadError:
         raise
     except Exception as exc:  # hub unreachable, missing repo, bad config: one clear line
-        raise ModelLoadError(
-            f"could not load model {model!r} ({first_line(exc)}); pass a local mlx-lm directory "
-            f"or a .gguf file with --model") from None
+        advice = ("" if _looks_like_path(model) else
+                  "; pass a local mlx-lm directory or a .gguf file with --model")
+        raise ModelLoadError(f"could not load model {model!r} ({first_line(exc)}){advice}") from None
     net.set_dtype(resolve_dtype(dtype, checkpoint_dtype(config)))
     if quantize_bits:
         nn.quantize(net, group_size=64, bits=quantize_bits)

@@ -339,3 +339,14 @@ def test_generate_samples_with_the_top_p_given(dirs, monkeypatch):
                  "--temperature", 0.7, "--top-p", 0.5)
     assert result.exit_code == 0, result.output
     assert seen == [(0.7, 0.5)]
+
+
+def test_a_local_model_that_mlx_lm_cannot_load_is_one_line_without_hub_advice(tmp_path):
+    model = tmp_path / "odd"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "no_such_family"}))
+    result = run("generate", "--prompt", "hi", "--model", model)
+    assert result.exit_code == 1
+    line = " ".join(result.stderr.split())
+    assert line.startswith(f"error: could not load model '{model}' (No safetensors found")
+    assert "--model" not in line  # the user passed a local directory already
