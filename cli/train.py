@@ -10,9 +10,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mlx_tokenrl.checkpoint import latest_checkpoint
-from mlx_tokenrl.config import (DEFAULT_MODEL, DTYPE_CHOICES, HOW_NOT_WHAT, TrainConfig,
-                                at_least, config_from_dict, flag, one_of, output_dir,
-                                read_json_object)
+from mlx_tokenrl.config import (DEFAULT_MODEL, DTYPE_CHOICES, HOW_NOT_WHAT, QUANTIZE_BITS,
+                                TrainConfig, at_least, config_from_dict, flag, one_of,
+                                output_dir, read_json_object)
 from mlx_tokenrl.launch import launched_rank
 from mlx_tokenrl.trainer import train as run_training
 
@@ -149,12 +149,15 @@ def evaluate(
     max_new_tokens: Annotated[int, typer.Option(help="Longest completion.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 32,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    quantize: Annotated[Optional[int], typer.Option(
+        help="Quantize the base model to this many bits on load (default: the adapter's run's "
+             "--quantize, else none).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where to write examples.jsonl and summary.json (default: ADAPTER/eval-TASK-SPLIT or runs/eval-TASK-SPLIT).")] = None,
 ):
     """Greedy held-out accuracy (and the rate of '#### N' / '\\boxed{N}' answers) of a model, with or without adapter."""
     from mlx_tokenrl.evaluate import evaluate as run_eval, write_eval
     from mlx_tokenrl.models import adapter_model, load_model
-    from mlx_tokenrl.tasks import adapter_prompt, adapter_task_settings, load_task
+    from mlx_tokenrl.tasks import adapter_prompt, adapter_task_settings, load_task, saved_run
 
     with reported_errors():
         if limit is not None:
@@ -164,10 +167,13 @@ def evaluate(
         at_least("max_new_tokens", max_new_tokens, 1)
         at_least("batch_size", batch_size, 1)
         one_of("dtype", dtype, DTYPE_CHOICES)
+        if quantize is not None:
+            one_of("quantize", quantize, QUANTIZE_BITS)
         out = out or (Path(adapter) if adapter else Path("runs")) / f"eval-{task}-{split}"
         output_dir("out", out)
-        prompt = adapter_prompt(adapter, instruction, system_prompt)
-        settings = adapter_task_settings(adapter, task, dict(
+        run = saved_run(adapter)
+        prompt = adapter_prompt(run, instruction, system_prompt)
+        settings = adapter_task_settings(run, task, dict(
             data=data, digits=digits, seed=seed, reward_fn=reward_fn, hf_dataset=hf_dataset,
             hf_config=hf_config, question_field=question_field, answer_field=answer_field,
             train_split=train_split, test_split=test_split))
@@ -177,7 +183,10 @@ def evaluate(
         if not examples:
             raise UserError(f"{task} {split} split has no examples")
         model = adapter_model(model, adapter)
-        net, tokenizer = load_model(model, adapter_path=adapter, dtype=dtype)
+        if quantize is None and run is not None:  # a QLoRA adapter is scored as it trained
+            quantize = run.get("quantize")
+        net, tokenizer = load_model(model, adapter_path=adapter, dtype=dtype,
+                                    quantize_bits=quantize)
         progress = Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),
                             MofNCompleteColumn(), TimeRemainingColumn(), console=console)
         bar = progress.add_task(f"{task}/{split}", total=len(examples))
@@ -185,6 +194,7 @@ def evaluate(
             summary, records = run_eval(net, tokenizer, loaded, examples, max_new_tokens, batch_size,
                                         on_progress=lambda done, _: progress.update(bar, completed=done))
         summary.update(task=task, split=split, model=model, adapter=str(adapter) if adapter else None,
+                       quantize=quantize,
                        instruction=loaded.instruction, system_prompt=loaded.system_prompt)
         low, high = summary["ci95"]
         console.print(f"accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}, "

@@ -71,9 +71,9 @@ def _load(model, adapter):
 
 def _prompt_settings(adapter, instruction, system):
     """Flags over the adapter's training run's prompt over none (training's own helper)."""
-    from mlx_tokenrl.tasks import adapter_prompt
+    from mlx_tokenrl.tasks import adapter_prompt, saved_run
 
-    return adapter_prompt(adapter, instruction, system, default_instruction="")
+    return adapter_prompt(saved_run(adapter), instruction, system, default_instruction="")
 
 
 def _sampler(temperature: float, top_p: float = 1.0):

@@ -453,12 +453,11 @@ def saved_run(adapter: str | Path | None) -> dict | None:
     return read_json_object(saved, "a run's config.json")
 
 
-def adapter_prompt(adapter: str | Path | None, instruction: str | None, system_prompt: str | None,
+def adapter_prompt(run: dict | None, instruction: str | None, system_prompt: str | None,
                    default_instruction: str | None = None) -> PromptSettings:
     """The prompt to ask with an adapter: what is given here, else what the training run that
-    wrote the adapter (its run directory) saved in its config.json, else no system prompt and
+    wrote the adapter saved (`run`: its saved_run), else no system prompt and
     `default_instruction`."""
-    run = saved_run(adapter)
     if run is None:
         return PromptSettings(instruction if instruction is not None else default_instruction,
                               system_prompt)
@@ -472,12 +471,12 @@ def adapter_prompt(adapter: str | Path | None, instruction: str | None, system_p
 RUN_TASK_SETTINGS = ("data", "digits", "seed", "reward_fn", *CUSTOM_ONLY)
 
 
-def adapter_task_settings(adapter: str | Path | None, task: str, given: dict) -> dict:
+def adapter_task_settings(run: dict | None, task: str, given: dict) -> dict:
     """load_task's settings for scoring an adapter on `task`: those given (not None), else the
-    training run's own when it trained on this task, so `eval` reads the run's data and, for
-    multiply, draws the test problems of the run's seed (another seed's test set overlaps the
-    run's training problems). Settings neither given nor saved are left to load_task."""
-    run = saved_run(adapter)
+    training run's own (`run`: its saved_run) when it trained on this task, so `eval` reads the
+    run's data and, for multiply, draws the test problems of the run's seed (another seed's
+    test set overlaps the run's training problems). Settings neither given nor saved are left
+    to load_task."""
     same_task = run is not None and str(run.get("task", "")).lower() == task.strip().lower()
     settings = {k: v if v is not None or not same_task else run.get(k) for k, v in given.items()}
     return {k: v for k, v in settings.items() if v is not None}

@@ -144,6 +144,27 @@ def test_eval_of_a_runs_adapter_scores_the_runs_own_test_problems(run_dir, tiny_
         "multiply", digits="1x1").test[:4]]
 
 
+def test_eval_scores_a_qlora_adapter_on_the_quantized_base_it_trained_on(run_dir, tmp_path,
+                                                                        monkeypatch):
+    from mlx_tokenrl import models
+
+    real, seen = models.load_model, []
+
+    def load_model(*args, quantize_bits=None, **kwargs):  # the tiny model's widths cannot be
+        seen.append(quantize_bits)                         # quantized in groups of 64
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    copy = run_copy(run_dir, tmp_path / "run", quantize=4)
+    args = ["eval", "multiply", "--adapter-path", copy, "--limit", 1, "--max-new-tokens", 1]
+    assert run(*args, "--out", tmp_path / "run's").exit_code == 0
+    assert run(*args, "--quantize", 8, "--out", tmp_path / "given").exit_code == 0
+    assert seen == [4, 8]
+    assert json.loads((tmp_path / "run's" / "summary.json").read_text())["quantize"] == 4
+    result = run(*args, "--quantize", 7)
+    assert result.exit_code == 1 and "--quantize must be one of" in result.stderr
+
+
 def test_eval_takes_the_runs_data_only_for_the_task_it_trained_on(run_dir, tmp_path):
     data = tmp_path / "sums.jsonl"
     data.write_text("".join(json.dumps({"q": f"What is {i} plus 1?", "a": str(i + 1)}) + "\n"
