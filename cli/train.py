@@ -3,6 +3,7 @@
 import contextlib
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,7 +24,7 @@ from .common import (HELP, UserError, config_parameters, console, new_config, op
 # What a resume may change: how long the run is, and how its steps are computed or recorded
 # (--max-memory on another Mac), never what is learned. The trainer saves the result into
 # config.json, so a later plain --resume keeps it.
-RESUME_MAY_CHANGE = {"steps"} | HOW_NOT_WHAT - {"out"}
+RESUME_MAY_CHANGE = {"steps"} | (HOW_NOT_WHAT - {"out"})
 
 
 def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
@@ -109,14 +110,12 @@ train.__signature__ = inspect.Signature(config_parameters([option_parameter(
 
 def help_of(name: str, default=None):
     """A TrainConfig setting's help text, for eval's option of the same name. With `default`:
-    a setting eval takes from the adapter's run when not given."""
+    a setting eval takes from the adapter's run when not given (else `default`)."""
     if default is None:
         return typer.Option(help=HELP[name][1])
-    return typer.Option(help=f"{HELP[name][1]} (default: the adapter's run's, else {default})",
+    text = re.sub(r" \(default: [^)]*\)", "", HELP[name][1]).rstrip(".")
+    return typer.Option(help=f"{text} (default: the adapter's run's, else {default}).",
                         show_default=False)
-
-
-RUNS_OR_NONE = "none"  # help text of eval's settings that default to the run's or to nothing
 
 
 def evaluate(
@@ -137,10 +136,10 @@ def evaluate(
              "run's, else the task's).")] = None,
     system_prompt: Annotated[Optional[str], help_of("system_prompt")] = None,
     instruction: Annotated[Optional[str], help_of("instruction")] = None,
-    hf_dataset: Annotated[Optional[str], help_of("hf_dataset", RUNS_OR_NONE)] = None,
-    hf_config: Annotated[Optional[str], help_of("hf_config", RUNS_OR_NONE)] = None,
-    question_field: Annotated[Optional[str], help_of("question_field", RUNS_OR_NONE)] = None,
-    answer_field: Annotated[Optional[str], help_of("answer_field", RUNS_OR_NONE)] = None,
+    hf_dataset: Annotated[Optional[str], help_of("hf_dataset", "none")] = None,
+    hf_config: Annotated[Optional[str], help_of("hf_config", "none")] = None,
+    question_field: Annotated[Optional[str], help_of("question_field", "prompt")] = None,
+    answer_field: Annotated[Optional[str], help_of("answer_field", "answer")] = None,
     train_split: Annotated[Optional[str], help_of("train_split", TrainConfig.train_split)] = None,
     test_split: Annotated[Optional[str], help_of("test_split", TrainConfig.test_split)] = None,
     seed: Annotated[Optional[int], typer.Option(
@@ -150,8 +149,8 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 32,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     quantize: Annotated[Optional[int], typer.Option(
-        help="Quantize the base model to this many bits on load (default: the adapter's run's "
-             "--quantize, else none).", show_default=False)] = None,
+        help="Quantize the base model to this many bits on load; 0: not at all (default: the "
+             "adapter's run's --quantize, else not at all).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where to write examples.jsonl and summary.json (default: ADAPTER/eval-TASK-SPLIT or runs/eval-TASK-SPLIT).")] = None,
 ):
     """Greedy held-out accuracy (and the rate of '#### N' / '\\boxed{N}' answers) of a model, with or without adapter."""
@@ -168,7 +167,7 @@ def evaluate(
         at_least("batch_size", batch_size, 1)
         one_of("dtype", dtype, DTYPE_CHOICES)
         if quantize is not None:
-            one_of("quantize", quantize, QUANTIZE_BITS)
+            one_of("quantize", quantize, (0, *QUANTIZE_BITS))
         out = out or (Path(adapter) if adapter else Path("runs")) / f"eval-{task}-{split}"
         output_dir("out", out)
         run = saved_run(adapter)
@@ -185,6 +184,7 @@ def evaluate(
         model = adapter_model(model, adapter)
         if quantize is None and run is not None:  # a QLoRA adapter is scored as it trained
             quantize = run.get("quantize")
+        quantize = quantize or None  # 0: unquantized, e.g. on a CPU, where quantized is slow
         net, tokenizer = load_model(model, adapter_path=adapter, dtype=dtype,
                                     quantize_bits=quantize)
         progress = Progress(TextColumn("[bold]eval {task.description}"), BarColumn(),
@@ -194,7 +194,7 @@ def evaluate(
             summary, records = run_eval(net, tokenizer, loaded, examples, max_new_tokens, batch_size,
                                         on_progress=lambda done, _: progress.update(bar, completed=done))
         summary.update(task=task, split=split, model=model, adapter=str(adapter) if adapter else None,
-                       quantize=quantize,
+                       quantize=quantize, task_settings=settings,
                        instruction=loaded.instruction, system_prompt=loaded.system_prompt)
         low, high = summary["ci95"]
         console.print(f"accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}, "

@@ -63,17 +63,20 @@ def check_sampling(temperature: float, max_tokens: int, top_p: float = 1.0, seed
     at_least("seed", seed, 0)
 
 
-def _load(model, adapter):
-    from mlx_tokenrl.models import load_model
+def _load(model, adapter, run):
+    """The model (given, else the adapter's base) with the adapter; `run`: the adapter's
+    training run (tasks.saved_run), whose --quantize a QLoRA adapter needs, as eval uses it."""
+    from mlx_tokenrl.models import adapter_model, load_model
 
-    return load_model(model, adapter_path=adapter)
+    return load_model(adapter_model(model, adapter), adapter_path=adapter,
+                      quantize_bits=(run or {}).get("quantize"))
 
 
-def _prompt_settings(adapter, instruction, system):
+def _prompt_settings(run, instruction, system):
     """Flags over the adapter's training run's prompt over none (training's own helper)."""
-    from mlx_tokenrl.tasks import adapter_prompt, saved_run
+    from mlx_tokenrl.tasks import adapter_prompt
 
-    return adapter_prompt(saved_run(adapter), instruction, system, default_instruction="")
+    return adapter_prompt(run, instruction, system, default_instruction="")
 
 
 def _sampler(temperature: float, top_p: float = 1.0):
@@ -113,13 +116,14 @@ def chat(
 ):
     """Multi-turn chat in the terminal. /reset starts over, /exit or Ctrl-D quits."""
     from mlx_tokenrl.models import adapter_model
-    from mlx_tokenrl.tasks import format_prompt, user_message
+    from mlx_tokenrl.tasks import format_prompt, saved_run, user_message
 
     with reported_errors():
         check_sampling(temperature, max_tokens, top_p=top_p)
-        prompt = _prompt_settings(adapter, instruction, system)
+        run = saved_run(adapter)
+        prompt = _prompt_settings(run, instruction, system)
         model = adapter_model(model, adapter)
-        net, tokenizer = _load(model, adapter)
+        net, tokenizer = _load(model, adapter, run)
         if not tokenizer.has_chat_template:
             raise UserError(f"model {model!r} has no chat template; use `generate --raw`")
         if prompt.system_prompt:  # a template that refuses it fails now, not at the first reply
@@ -169,9 +173,8 @@ def generate(
     the adapter's run's system prompt and instruction."""
     import mlx.core as mx
 
-    from mlx_tokenrl.models import adapter_model
     from mlx_tokenrl.rollout import encode_prompts
-    from mlx_tokenrl.tasks import format_prompt
+    from mlx_tokenrl.tasks import format_prompt, saved_run
 
     with reported_errors():
         check_sampling(temperature, max_tokens, top_p=top_p, seed=seed)
@@ -181,8 +184,9 @@ def generate(
             raise UserError("--instruction does not apply with --raw: put it in the prompt")
         if prompt == "-":
             prompt = sys.stdin.read()
-        settings = _prompt_settings(adapter, instruction, system)
-        net, tokenizer = _load(adapter_model(model, adapter), adapter)
+        run = saved_run(adapter)
+        settings = _prompt_settings(run, instruction, system)
+        net, tokenizer = _load(model, adapter, run)
         if not raw:  # token ids exactly as training encodes its prompts
             prompt = encode_prompts(tokenizer, [format_prompt(
                 tokenizer, prompt, settings.instruction, settings.system_prompt)])[0]

@@ -19,7 +19,7 @@ import numpy as np
 from .checkpoint import atomic_write_bytes, latest_checkpoint
 from .compare_plot import ArmCurves, BaseReference, save_figure
 from .config import (ALGOS, HOW_NOT_WHAT, ConfigError, TrainConfig, at_least, coerce,
-                     config_from_dict)
+                     config_from_dict, read_json_object)
 from .evaluate import evaluate, sign_test_p, write_eval
 from .models import check_lora_fits, load_model
 from .tasks import task_from_config
@@ -193,7 +193,7 @@ def check_same_settings(what: str, before: dict, now: dict):
 def check_same_arm(name: str, arm_cfg: TrainConfig):
     saved = Path(arm_cfg.out) / "config.json"
     if saved.exists():
-        before = config_from_dict(json.loads(saved.read_text()))
+        before = config_from_dict(read_json_object(saved, "a run's config.json"))
         check_same_settings(f"arm {name}", asdict(before), asdict(arm_cfg))
 
 
@@ -203,7 +203,9 @@ def check_same_compare(out: Path, cfg: TrainConfig, final_limit: int):
     final_eval_limit, is checked for the settings alone."""
     saved = out / "compare_config.json"
     if saved.exists():
-        values = json.loads(saved.read_text())
+        values = read_json_object(saved, "a compare's settings")
+        if not isinstance(values.get("config"), dict):
+            raise ConfigError(f"{saved}: not a compare's settings (no config)")
         before = {**asdict(config_from_dict(values["config"])),
                   "final_eval_limit": values.get("final_eval_limit", final_limit)}
         check_same_settings("this compare", before,

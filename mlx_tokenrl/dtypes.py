@@ -32,7 +32,7 @@ def resolve_dtype(name, checkpoint=None):
     if name == "auto":
         if not default_device_is_gpu():
             return mx.float32
-        half = checkpoint is not None and checkpoint in (mx.float16, mx.bfloat16)
+        half = checkpoint is not None and checkpoint in (mx.float16, mx.bfloat16)  # (== refuses None)
         return checkpoint if half else mx.bfloat16
     try:
         return DTYPES[name]

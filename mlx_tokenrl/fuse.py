@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import mlx.core as mx
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, hf_repo_to_path, load_config, save, upload_to_hub
 
@@ -16,8 +17,13 @@ def _model_dir(path: str) -> Path:
 
 def fuse_adapter(model: str, adapter_path, out_dir, dequantize: bool = False) -> Path:
     """Load base + adapter, fold every LoRA layer into its linear, save to `out_dir`."""
-    net, tokenizer = load_model(model, adapter_path=adapter_path)
     source = resolve_model_path(model)
+    # A float32 base (a convert-gguf output) is merged in float32: `auto` computes it in
+    # bfloat16 on Metal, and the rounded weights would be stored back as float32.
+    stored = checkpoint_dtype(load_config(Path(source))) if Path(source).is_dir() else None
+    float32 = stored is not None and stored == mx.float32
+    net, tokenizer = load_model(model, adapter_path=adapter_path,
+                                dtype="float32" if float32 else "auto")
     config = load_config(_model_dir(source))
 
     fused = [(name, m.fuse(dequantize=dequantize)) for name, m in net.named_modules()

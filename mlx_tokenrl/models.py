@@ -223,7 +223,7 @@ def init_from_adapter(net, adapter_path, config: dict):
     adapter_path = Path(adapter_path)
     check_adapter_files(adapter_path)
     where = f"--adapter-path {adapter_path}"
-    saved = json.loads((adapter_path / "adapter_config.json").read_text())
+    saved = read_json_object(adapter_path / "adapter_config.json", "an adapter config")
     kind = saved.get("fine_tune_type", "lora")
     if kind != "lora":
         raise ConfigError(f"{where} is a {kind} adapter; a run starts only from a LoRA adapter")
@@ -249,5 +249,7 @@ def init_from_adapter(net, adapter_path, config: dict):
 
 
 def save_adapter_config(out_dir, config: dict, base_model: str):
-    data = {**config, "base_model": base_model}
+    # eval, chat, generate and fuse load this model by default, from any directory.
+    local = Path(base_model).expanduser()
+    data = {**config, "base_model": str(local.resolve()) if local.exists() else base_model}
     Path(out_dir, "adapter_config.json").write_text(json.dumps(data, indent=2))

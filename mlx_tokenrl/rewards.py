@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .models import first_line
+
 MARKER = "####"
 BOX = "\\boxed{"  # Qwen-family and most math-tuned models end with \boxed{N}
 
@@ -268,17 +270,20 @@ class UserReward:
     fn: Callable[[str, str], float]
 
     def __call__(self, completion: str, answer) -> float:
+        given = f"completion {completion[:60]!r}, answer {answer!r}"
         try:
             value = self.fn(completion, answer)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[:1] or [""]
-            raise RewardFunctionError(f"--reward-fn {self.spec} raised {type(exc).__name__}"
-                                      f"{': ' + reason[0] if reason[0] else ''}") from exc
+            raise RewardFunctionError(f"--reward-fn {self.spec} raised {type(exc).__name__} "
+                                      f"({first_line(exc)}) on {given}") from exc
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):  # a NaN reward would skip every update, silently
             raise RewardFunctionError(f"--reward-fn {self.spec} returned {value!r}, not a "
-                                      f"number") from None
+                                      f"finite number, on {given}")
+        return number
 
 
 def load_reward_fn(spec: str) -> UserReward:

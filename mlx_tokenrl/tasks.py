@@ -31,8 +31,9 @@ from typing import Any, Callable
 
 from .config import read_json_object
 from .hub import unreachable_reason
-from .models import first_line, warn_once
-from .rewards import MARKER, exact_match_reward, load_reward_fns, numeric_reward, parse_number
+from .models import first_line
+from .rewards import (MARKER, RewardFunctionError, exact_match_reward, load_reward_fns,
+                      numeric_reward, parse_number)
 
 INSTRUCTION = "Think step by step, then give the final answer as a single number after '####'."
 QUESTION = "{question}"  # where an instruction that holds it places the question
@@ -195,9 +196,6 @@ def _split_paths(data: str, task: str, names: dict[str, str]) -> dict[str, Path]
     `data` (NAME: the split's name there, `names[split]`)."""
     path = Path(data).expanduser()
     if path.is_file():
-        warn_once(f"--data {data}: one file serves as both train and test split, so held-out "
-                  f"accuracy is measured on training examples; a directory with train and test "
-                  f"files keeps them apart")
         return {split: path for split in SPLITS}
     if not path.is_dir():
         raise TaskError(f"{path}: no such file or directory (data for task {task!r})")
@@ -416,8 +414,12 @@ def load_task(name: str, data: str | None = None, digits: str = "3x3", seed: int
         # A verifier that fails on any input fails here, before the model loads, rather than
         # minutes into the first step: scored on a training answer given as the completion.
         first = task.train[0] if task.train else None
-        if first is not None:
-            reward.scores(str(first.answer), first.answer)
+        try:
+            if first is not None:
+                reward.scores(str(first.answer), first.answer)
+        except RewardFunctionError as exc:
+            raise RewardFunctionError(f"{exc}: tried before the model loads (a model's "
+                                      f"completion need not hold a marker)") from exc.__cause__
         task.reward = reward
     if instruction is not None:
         task.instruction = instruction
@@ -467,8 +469,10 @@ def adapter_prompt(run: dict | None, instruction: str | None, system_prompt: str
     return PromptSettings(instruction, system_prompt if system_prompt is not None else run.get("system_prompt"))
 
 
-# What picks a task's examples and scores them; `eval` of a run's adapter takes them from the run.
-RUN_TASK_SETTINGS = ("data", "digits", "seed", "reward_fn", *CUSTOM_ONLY)
+# Where a task's examples come from: a --data or --hf-dataset given replaces all of the run's
+# (its split names and fields would not fit another source).
+DATA_SOURCE = ("data", "hf_dataset", "hf_config", "question_field", "answer_field",
+               "train_split", "test_split")
 
 
 def adapter_task_settings(run: dict | None, task: str, given: dict) -> dict:
@@ -477,9 +481,30 @@ def adapter_task_settings(run: dict | None, task: str, given: dict) -> dict:
     run's data and, for multiply, draws the test problems of the run's seed (another seed's
     test set overlaps the run's training problems). Settings neither given nor saved are left
     to load_task."""
-    same_task = run is not None and str(run.get("task", "")).lower() == task.strip().lower()
-    settings = {k: v if v is not None or not same_task else run.get(k) for k, v in given.items()}
-    return {k: v for k, v in settings.items() if v is not None}
+    loader = LOADERS.get(task.strip().lower())
+    if run is None or loader is None or LOADERS.get(str(run.get("task", "")).lower()) is not loader:
+        return {k: v for k, v in given.items() if v is not None}
+    new_source = given.get("data") is not None or given.get("hf_dataset") is not None
+    taken = {k: run.get(k) for k, v in given.items()
+             if v is None and not (new_source and k in DATA_SOURCE)}
+    _check_run_paths(taken)
+    return {k: v for k, v in {**given, **taken}.items() if v is not None}
+
+
+def _check_run_paths(taken: dict):
+    """A run saves its --data and --reward-fn files as typed: relative to where it ran."""
+    specs = taken.get("reward_fn") or []
+    modules = [spec.rpartition(":")[0] for spec in ([specs] if isinstance(specs, str) else specs)]
+    files = [("--data", taken.get("data"))] + [("--reward-fn", m) for m in modules if m.endswith(".py")]
+    for option, path in files:
+        if path and not Path(path).expanduser().exists():
+            raise TaskError(f"the adapter's run used {option} {path}, which is not found from "
+                            f"{Path.cwd()} (relative to where it ran?); pass {option}")
+
+
+def one_file_for_both_splits(data: str | None) -> bool:
+    """--data names one file, which then serves as train and as test split."""
+    return data is not None and Path(data).expanduser().is_file()
 
 
 def task_from_config(cfg) -> Task:

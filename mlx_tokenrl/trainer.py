@@ -39,7 +39,7 @@ from .samples import SampleLog, SelectedGroup
 from .seeds import DATA_ORDER, SAMPLING, SELECTION, derived_rng, derived_seed
 from .selection import NORMALISED_OVER, grpo_selection, has_signal, sgrpo_selection, tspmo_selection
 from .sync import broadcast_training_state, check_configs_agree, check_inputs_agree, ensure_ranks_agree
-from .tasks import task_from_config
+from .tasks import one_file_for_both_splits, task_from_config
 from .tracking import Tracker, start_tracker
 
 # ---- what each step draws -------------------------------------------------------------
@@ -267,6 +267,10 @@ def prepare_run(cfg: TrainConfig, resume: bool):
         raise ConfigError(f"--out {cfg.out} already holds a run with checkpoints: continue it "
                           f"with --resume {cfg.out}, or choose another --out")
     task = task_from_config(cfg)
+    if world.is_main and one_file_for_both_splits(cfg.data):  # (eval of a held-out file is fine)
+        warn_once(f"--data {cfg.data}: one file serves as both train and test split, so "
+                  f"held-out accuracy is measured on training examples; a directory with train "
+                  f"and test files keeps them apart")
     start_adapter = cfg.adapter_path if not resume and world.is_main else None
     if start_adapter is not None:  # (other ranks get rank 0's adapter below)
         check_adapter_files(start_adapter)

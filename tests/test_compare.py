@@ -462,3 +462,20 @@ def test_arms_without_logged_steps_draw_no_empty_legend(plt):
     fig = figure(base, [ArmCurves("copied", [], 0.3, 100)], plt)
     assert panel(fig, "Train reward").get_legend() is None
     assert panel(fig, "Held-out accuracy").get_legend() is not None
+
+
+@pytest.mark.parametrize("damaged, message", [
+    ("compare_config.json", "compare_config.json: not a compare's settings"),
+    ("grpo/config.json", "grpo/config.json: not a run's config.json"),
+])
+@pytest.mark.parametrize("content", ["{half written", "{}"])
+def test_a_damaged_settings_file_stops_a_resume_in_one_line(tmp_path, damaged, message, content):
+    write_finished_compare(tmp_path)
+    if content == "{}" and damaged != "compare_config.json":
+        content = "[]"  # an empty mapping is a valid run config (every setting at its default)
+    (tmp_path / damaged).write_text(content)
+    result = CliRunner().invoke(app, ["compare", "multiply", "--algos", "grpo,t-spmo",
+                                      "--eval-limit", "3", "--model", str(tmp_path / "none"),
+                                      "--out", str(tmp_path), "--resume"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -159,10 +159,15 @@ def test_eval_scores_a_qlora_adapter_on_the_quantized_base_it_trained_on(run_dir
     args = ["eval", "multiply", "--adapter-path", copy, "--limit", 1, "--max-new-tokens", 1]
     assert run(*args, "--out", tmp_path / "run's").exit_code == 0
     assert run(*args, "--quantize", 8, "--out", tmp_path / "given").exit_code == 0
-    assert seen == [4, 8]
+    assert run(*args, "--quantize", 0, "--out", tmp_path / "off").exit_code == 0
+    assert seen == [4, 8, None]
     assert json.loads((tmp_path / "run's" / "summary.json").read_text())["quantize"] == 4
     result = run(*args, "--quantize", 7)
     assert result.exit_code == 1 and "--quantize must be one of" in result.stderr
+    # generate and chat run the adapter as it trained, too.
+    assert run("generate", "--adapter-path", copy, "--prompt", "hi", "--max-tokens", 1).exit_code == 0
+    assert run("chat", "--adapter-path", copy, "--max-tokens", 1).exit_code == 0
+    assert seen == [4, 8, None, 4, 4]
 
 
 def test_eval_takes_the_runs_data_only_for_the_task_it_trained_on(run_dir, tmp_path):
@@ -175,6 +180,31 @@ def test_eval_takes_the_runs_data_only_for_the_task_it_trained_on(run_dir, tmp_p
     result = run("eval", "custom", *args, "--out", tmp_path / "custom")
     assert result.exit_code == 0, result.output
     assert eval_questions(tmp_path / "custom") == [f"What is {i} plus 1?" for i in range(3)]
+    assert json.loads((tmp_path / "custom" / "summary.json").read_text())["task_settings"][
+        "data"] == str(data)
+    # custom's older name is the same task.
+    old_name = run_copy(run_dir, tmp_path / "old", task="jsonl", data=str(data),
+                        question_field="q", answer_field="a")
+    result = run("eval", "custom", "--adapter-path", old_name, "--max-new-tokens", 2,
+                 "--out", tmp_path / "old-name")
+    assert result.exit_code == 0, result.output
+    # Another source given replaces all of the run's: its hub dataset, fields and splits.
+    hub_run = run_copy(run_dir, tmp_path / "hub", task="custom", hf_dataset="someone/sums",
+                       question_field="problem", test_split="validation")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "What is 1 plus 1?", "answer": "2"}) + "\n")
+    result = run("eval", "custom", *args, "--data", plain, "--out", tmp_path / "plain")
+    assert result.exit_code == 0, result.output
+    result = run("eval", "custom", "--adapter-path", hub_run, "--max-new-tokens", 2, "--data",
+                 plain, "--out", tmp_path / "plain-hub")
+    assert result.exit_code == 0, result.output
+    assert eval_questions(tmp_path / "plain-hub") == ["What is 1 plus 1?"]
+    # The run's files as it saved them: relative to where it ran.
+    moved = run_copy(run_dir, tmp_path / "moved", task="custom", data="elsewhere/sums.jsonl")
+    result = run("eval", "custom", "--adapter-path", moved)
+    assert result.exit_code == 1
+    assert "the adapter's run used --data elsewhere/sums.jsonl, which is not found from" in \
+        " ".join(result.stderr.split())
     # On another task the run's data and fields would be wrong (multiply refuses the fields).
     result = run("eval", "multiply", *args, "--digits", "1x1", "--limit", 2, "--out", tmp_path / "m")
     assert result.exit_code == 0, result.output

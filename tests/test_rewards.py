@@ -407,8 +407,12 @@ def verdict(completion, answer):
     return "yes"
 
 
-def numpy_like(completion, answer):
-    return True
+def undefined(completion, answer):
+    return float("nan")
+
+
+def boolean(completion, answer):
+    return completion == answer
 """
 
 
@@ -424,11 +428,14 @@ def test_a_failing_reward_function_is_named_with_its_error(failing):
 
     with pytest.raises(RewardFunctionError) as info:
         load_reward_fn(failing("always"))("x", "1")
-    assert str(info.value) == f"--reward-fn {failing('always')} raised ZeroDivisionError: division by zero"
+    assert str(info.value) == (f"--reward-fn {failing('always')} raised ZeroDivisionError "
+                               f"(division by zero) on completion 'x', answer '1'")
     assert isinstance(info.value.__cause__, ZeroDivisionError)  # the user's traceback
-    with pytest.raises(RewardFunctionError, match="returned 'yes', not a number"):
-        load_reward_fn(failing("verdict"))("x", "1")
-    assert load_reward_fn(failing("numpy_like"))("x", "1") == 1.0
+    for name, value in (("verdict", "'yes'"), ("undefined", "nan")):
+        with pytest.raises(RewardFunctionError, match=f"returned {value}, not a finite number, on "
+                                                      f"completion 'x', answer '1'"):
+            load_reward_fn(failing(name))("x", "1")
+    assert load_reward_fn(failing("boolean"))("1", "1") == 1.0
 
 
 @pytest.fixture
@@ -444,8 +451,9 @@ def test_a_reward_function_that_fails_on_any_input_stops_the_task_loading(failin
     from mlx_tokenrl.tasks import load_task
 
     for name in ("always", "verdict"):
-        with pytest.raises(RewardFunctionError, match=f"--reward-fn {failing(name)}"):
+        with pytest.raises(RewardFunctionError, match=f"--reward-fn {failing(name)}") as info:
             load_task("custom", data=sums, reward_fn=[failing("off_answer"), failing(name)])
+        assert "on completion '1', answer '1': tried before the model loads" in str(info.value)
     load_task("custom", data=sums, reward_fn=failing("off_answer"))
 
 
@@ -461,7 +469,7 @@ def test_a_reward_function_failing_in_training_is_the_users_error(failing, sums,
         "--max-new-tokens", "4", "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert 'raise KeyError("no such field in "' in result.stderr  # where in their function
-    assert (f"error: --reward-fn {failing('off_answer')} raised KeyError: 'no such field in"
+    assert (f"error: --reward-fn {failing('off_answer')} raised KeyError ('no such field in"
             in " ".join(result.stderr.split()))
     assert "a problem in your reward function" in result.stderr
     assert "internal error" not in result.stderr

@@ -105,6 +105,24 @@ def cli_train(*args):
     return CliRunner().invoke(app, ["train", *map(str, args)])
 
 
+def test_training_on_one_file_for_both_splits_warns_and_eval_of_a_file_does_not(
+        tiny_model_dir, dense_task, tmp_path):
+    from mlx_tokenrl.models import warn_once
+
+    warn_once.cache_clear()  # once per process: earlier tests trained on this file too
+    data = ["custom", "--data", dense_task["data"], "--reward-fn", dense_task["reward_fn"],
+            "--model", tiny_model_dir]
+    result = cli_train(*data, "--steps", 1, "--prompts-per-step", 2, "--group-size", 2,
+                       "--max-new-tokens", 2, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    warning = "one file serves as both train and test split"
+    assert warning in " ".join(result.stderr.split())
+    result = CliRunner().invoke(app, ["eval", *map(str, data), "--limit", 1, "--max-new-tokens",
+                                      1, "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert warning not in " ".join(result.stderr.split())
+
+
 def test_ctrl_c_in_the_first_step_does_not_promise_a_checkpoint(tiny_model_dir, dense_task,
                                                                  tmp_path, monkeypatch):
     def ctrl_c(*args, **kwargs):

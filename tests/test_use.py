@@ -67,6 +67,19 @@ def test_fused_model_matches_base_plus_adapter(dirs):
     assert greedy_tokens(dirs["base"]) != with_adapter  # the adapter matters, so the test can fail
 
 
+def test_fuse_merges_a_float32_base_in_float32_on_a_gpu_too(dirs, tmp_path, monkeypatch):
+    from mlx_tokenrl import dtypes
+
+    on_cpu = mx.load(str(fuse_adapter(dirs["base"], dirs["adapter"], tmp_path / "cpu")
+                         / "model.safetensors"))
+    monkeypatch.setattr(dtypes, "default_device_is_gpu", lambda: True)  # auto: bfloat16 there
+    on_gpu = mx.load(str(fuse_adapter(dirs["base"], dirs["adapter"], tmp_path / "gpu")
+                         / "model.safetensors"))
+    assert on_gpu.keys() == on_cpu.keys()
+    for name, weight in on_cpu.items():
+        assert on_gpu[name].dtype == mx.float32 and mx.array_equal(on_gpu[name], weight), name
+
+
 def test_fuse_cli_then_generate_on_fused_dir(dirs):
     out = dirs["root"] / "fused-cli"
     result = run("fuse", "--model", dirs["base"], "--adapter", dirs["adapter"], "--out", out)
@@ -350,3 +363,13 @@ def test_a_local_model_that_mlx_lm_cannot_load_is_one_line_without_hub_advice(tm
     line = " ".join(result.stderr.split())
     assert line.startswith(f"error: could not load model '{model}' (No safetensors found")
     assert "--model" not in line  # the user passed a local directory already
+
+
+def test_the_adapter_names_a_local_base_model_by_its_absolute_path(dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(dirs["base"]).parent)
+    save_adapter_config(tmp_path, lora_config(), Path(dirs["base"]).name)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model"] == \
+        str(Path(dirs["base"]).resolve())
+    save_adapter_config(tmp_path, lora_config(), "Qwen/Qwen2-0.5B-Instruct")  # a hub id as is
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model"] == \
+        "Qwen/Qwen2-0.5B-Instruct"
