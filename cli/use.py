@@ -64,12 +64,11 @@ def check_sampling(temperature: float, max_tokens: int, top_p: float = 1.0, seed
 
 
 def _load(model, adapter, run):
-    """The model (given, else the adapter's base) with the adapter; `run`: the adapter's
-    training run (tasks.saved_run), whose --quantize a QLoRA adapter needs, as eval uses it."""
-    from mlx_tokenrl.models import adapter_model, load_model
+    """The model with the adapter; `run`: the adapter's training run (tasks.saved_run), whose
+    --quantize a QLoRA adapter needs, as eval uses it."""
+    from mlx_tokenrl.models import load_model
 
-    return load_model(adapter_model(model, adapter), adapter_path=adapter,
-                      quantize_bits=(run or {}).get("quantize"))
+    return load_model(model, adapter_path=adapter, quantize_bits=(run or {}).get("quantize"))
 
 
 def _prompt_settings(run, instruction, system):
@@ -173,6 +172,7 @@ def generate(
     the adapter's run's system prompt and instruction."""
     import mlx.core as mx
 
+    from mlx_tokenrl.models import adapter_model
     from mlx_tokenrl.rollout import encode_prompts
     from mlx_tokenrl.tasks import format_prompt, saved_run
 
@@ -186,7 +186,7 @@ def generate(
             prompt = sys.stdin.read()
         run = saved_run(adapter)
         settings = _prompt_settings(run, instruction, system)
-        net, tokenizer = _load(model, adapter, run)
+        net, tokenizer = _load(adapter_model(model, adapter), adapter, run)
         if not raw:  # token ids exactly as training encodes its prompts
             prompt = encode_prompts(tokenizer, [format_prompt(
                 tokenizer, prompt, settings.instruction, settings.system_prompt)])[0]

@@ -20,11 +20,13 @@ def fuse_adapter(model: str, adapter_path, out_dir, dequantize: bool = False) ->
     source = resolve_model_path(model)
     # A float32 base (a convert-gguf output) is merged in float32: `auto` computes it in
     # bfloat16 on Metal, and the rounded weights would be stored back as float32.
-    stored = checkpoint_dtype(load_config(Path(source))) if Path(source).is_dir() else None
+    config = load_config(Path(source)) if Path(source).is_dir() else None
+    stored = checkpoint_dtype(config) if config is not None else None
     float32 = stored is not None and stored == mx.float32
     net, tokenizer = load_model(model, adapter_path=adapter_path,
                                 dtype="float32" if float32 else "auto")
-    config = load_config(_model_dir(source))
+    if config is None:  # a hub id: load_model has downloaded it
+        config = load_config(_model_dir(source))
 
     fused = [(name, m.fuse(dequantize=dequantize)) for name, m in net.named_modules()
              if hasattr(m, "fuse")]

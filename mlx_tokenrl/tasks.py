@@ -195,7 +195,7 @@ def _split_paths(data: str, task: str, names: dict[str, str]) -> dict[str, Path]
     """The file of each split: `data` itself, or NAME.jsonl/.json/.parquet in the directory
     `data` (NAME: the split's name there, `names[split]`)."""
     path = Path(data).expanduser()
-    if path.is_file():
+    if one_file_for_both_splits(data):
         return {split: path for split in SPLITS}
     if not path.is_dir():
         raise TaskError(f"{path}: no such file or directory (data for task {task!r})")
@@ -413,10 +413,9 @@ def load_task(name: str, data: str | None = None, digits: str = "3x3", seed: int
     if reward is not None:
         # A verifier that fails on any input fails here, before the model loads, rather than
         # minutes into the first step: scored on a training answer given as the completion.
-        first = task.train[0] if task.train else None
         try:
-            if first is not None:
-                reward.scores(str(first.answer), first.answer)
+            if task.train:
+                reward.scores(str(task.train[0].answer), task.train[0].answer)
         except RewardFunctionError as exc:
             raise RewardFunctionError(f"{exc}: tried before the model loads (a model's "
                                       f"completion need not hold a marker)") from exc.__cause__
