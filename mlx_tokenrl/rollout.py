@@ -17,12 +17,12 @@ batch or when rows are compacted (`sampling.py`).
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from .cpu_kernels import cpu_kernels
-from .models import ModelLoadError, first_line, model_type
+from .models import ModelLoadError, first_line, model_type, warn_once
+from .rounding import judge, logprobs, own_rounding
 from .sampling import advance_keys, row_keys, sample_tokens
 
 # Drop finished rows once at least this share of the batch has finished: compaction copies
@@ -97,8 +97,8 @@ def check_batched_rollouts(model):
     query attention cannot: its 5-d attention scores do not broadcast with it). So two
     prompts of different lengths run as `generate_tokens` runs them (prefilled together,
     rows repeated, one dropped), and every step's log-probs are compared with the model's own
-    forward of each row alone. A wrong mask or offset moves them by whole units; the
-    tolerance allows for the rounding of the model's dtype."""
+    forward of each row alone. A wrong mask or offset moves them by whole units; rounding is
+    judged against what the model's own forward shows on this machine (`rounding.py`)."""
     batch_cache(model, [0])
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
     # Prompt 0 once, prompt 1 twice (a group); row 1 finishes after one token and is dropped.
@@ -114,15 +114,19 @@ def check_batched_rollouts(model):
                              f"rollouts fail in its forward ({first_line(exc)})") from None
     batched = [[first[0], second[0], third[0]], [first[1], second[1]],
                [first[1], second[2], third[1]]]
+    difference = 0.0
     for row, steps in zip(rows, batched):
         alone = model(mx.array(row)[None])[0, len(row) - len(steps):]
-        error = mx.abs(nn.log_softmax(mx.stack(steps).astype(mx.float32))
-                       - nn.log_softmax(alone.astype(mx.float32))).max().item()
-        tolerance = 0.05 + 8 * mx.finfo(alone.dtype).eps * mx.abs(alone).max().item()
-        if not error <= tolerance:
-            raise ModelLoadError(
-                f"model type {model_type(model)!r} is not supported: batched rollouts differ "
-                f"from its own forward by {error:.3g} in log-prob (tolerance {tolerance:.3g})")
+        difference = max(difference, mx.abs(logprobs(mx.stack(steps))
+                                             - logprobs(alone)).max().item())
+    verdict = judge(difference, own_rounding(model, rows))
+    what = (f"model type {model_type(model)!r}: batched rollouts differ from its own forward "
+            f"{verdict.describe()} in log-prob")
+    if verdict.outcome == "defect":
+        raise ModelLoadError(f"{what}; it is not supported")
+    if verdict.outcome == "unsure":
+        warn_once(f"{what}: too close to tell rounding from attention that misreads left "
+                  f"padding; training goes on")
 
 
 def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParams,
