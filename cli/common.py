@@ -21,7 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 from rich.text import Text
 
-from mlx_tokenrl.config import ConfigError, TrainConfig, config_from_dict, flag
+from mlx_tokenrl.config import (GENERAL_DEFAULTS, ConfigError, TrainConfig, config_from_dict, flag,
+                                stated_default)
 from mlx_tokenrl.models import first_line
 
 console = Console()
@@ -159,7 +160,8 @@ HELP = {
     "samples_count": ("Tracking", "Prompts per sample (each with its whole group of completions)."),
 }
 CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": list[str],
-             "reward_weights": str, "max_memory": float, "microbatch_rows": int}
+             "reward_weights": str, "max_memory": float, "microbatch_rows": int, "lr": float,
+             "max_new_tokens": int}
 
 
 def option_parameter(name, annotation, default=None):
@@ -180,6 +182,8 @@ def config_parameters(extra, skip=(), defaults=None):
             continue
         panel, text = HELP[f.name]
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
+        if f.name in GENERAL_DEFAULTS:  # the task decides
+            default = stated_default(f.name)
         kind = CLI_TYPES.get(f.name, type(default) if default is not None else str)
         name = flag(f.name)
         decls = [f"{name}/--no-{name[2:]}"] if kind is bool else [name]

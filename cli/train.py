@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mlx_tokenrl.checkpoint import latest_checkpoint
 from mlx_tokenrl.config import (DEFAULT_MODEL, DTYPE_CHOICES, HOW_NOT_WHAT, QUANTIZE_BITS,
                                 TrainConfig, at_least, config_from_dict, flag, one_of,
-                                output_dir, read_json_object)
+                                output_dir, read_json_object, stated_default, task_default)
 from mlx_tokenrl.launch import launched_rank
 from mlx_tokenrl.trainer import train as run_training
 
@@ -145,7 +145,9 @@ def evaluate(
     seed: Annotated[Optional[int], typer.Option(
         help="Seed of generated tasks (multiply; default: the adapter's run's, else 0).",
         show_default=False)] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest completion.")] = 256,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help=f"Longest completion (default: {stated_default('max_new_tokens')}).",
+        show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 32,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
     quantize: Annotated[Optional[int], typer.Option(
@@ -163,6 +165,8 @@ def evaluate(
             at_least("limit", limit, 1)
         if seed is not None:
             at_least("seed", seed, 0)
+        if max_new_tokens is None:
+            max_new_tokens = task_default(task, "max_new_tokens")
         at_least("max_new_tokens", max_new_tokens, 1)
         at_least("batch_size", batch_size, 1)
         one_of("dtype", dtype, DTYPE_CHOICES)

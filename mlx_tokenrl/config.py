@@ -15,6 +15,34 @@ ALGOS = ("grpo", "s-grpo", "t-spmo")
 DTYPE_CHOICES = ("auto", *DTYPES)
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports
 
+# Settings whose default depends on the task: GENERAL_DEFAULTS unless TASK_DEFAULTS names the
+# task, where we measured that the general one does harm. TrainConfig fills them in.
+GENERAL_DEFAULTS = {"lr": 1e-5, "max_new_tokens": 256}
+TASK_DEFAULTS = {
+    # Measured on Qwen2.5-Coder-0.5B-Instruct, the closest we have run to the default model
+    # (Qwen2-1.5B-Instruct), T-SPMO 4x8, in results/svamp-qwen2.5-0.5b/:
+    "svamp": {
+        # lr 1e-5 broke the answer format within 5-7 steps (held-out format rate 95% -> 43%,
+        # accuracy 49% -> 32% at step 5: calibration/t-spmo_lr=1e-5/STATUS); 5e-6 kept it
+        # (97% at step 5, 95% at step 10: calibration/STATUS, the rate the compare used).
+        "lr": 5e-6,
+        # 256 new tokens cut 13.7% of the base's greedy answers short, 300 cut 5.3%
+        # (base/truncation.json); a cut answer rarely scores.
+        "max_new_tokens": 300,
+    },
+}
+
+
+def task_default(task: str, name: str):
+    """The default of setting `name` (a GENERAL_DEFAULTS key) for `task`."""
+    return TASK_DEFAULTS.get(task.strip().lower(), {}).get(name, GENERAL_DEFAULTS[name])
+
+
+def stated_default(name: str) -> str:
+    """How help states a per-task default: "1e-05; svamp: 5e-06"."""
+    tasks = [f"{task}: {values[name]}" for task, values in TASK_DEFAULTS.items() if name in values]
+    return "; ".join([str(GENERAL_DEFAULTS[name]), *tasks])
+
 
 class ConfigError(ValueError):
     """A setting the user gave is invalid (a flag, a config file value, an arm's setting):
@@ -98,12 +126,12 @@ class TrainConfig:
     steps: int = 100
     prompts_per_step: int = 8
     group_size: int = 8
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = None  # None: the task's default (task_default)
     temperature: float = 0.6
     top_p: float = 1.0
     seed: int = 0
     # optimisation
-    lr: float = 1e-5
+    lr: float | None = None  # None: the task's default (task_default)
     warmup_steps: int = 5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -145,10 +173,14 @@ class TrainConfig:
     samples_count: int = 2
 
     def __post_init__(self):
-        """Every field holds its annotated type (text parsed), else ConfigError."""
+        """Every field holds its annotated type (text parsed), else ConfigError; the settings
+        left None whose default depends on the task get the task's."""
         kinds = typing.get_type_hints(type(self))
         for f in fields(self):
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), kinds[f.name]))
+        for name in GENERAL_DEFAULTS:
+            if getattr(self, name) is None:
+                setattr(self, name, task_default(self.task, name))
 
     def validate(self):
         """Every value in its range, else ConfigError: before any model work."""
@@ -169,6 +201,11 @@ class TrainConfig:
                                              "--microbatch-rows fixes the rows, give one")
         if self.max_memory is not None:
             above("max_memory", self.max_memory, 0)
+            at_most("max_memory", self.max_memory, MAX_MEMORY_GB)
+        for f in fields(self):  # the counts at_least does not check: --group-size, --lora-layers
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                at_most(f.name, value, INT_MAX)
         for name in ("seed", "warmup_steps", "weight_decay", "grad_clip", "beta", "format_reward",
                      "sgrpo_alpha", "tspmo_replay", "eval_every", "samples_every"):
             at_least(name, getattr(self, name), 0)
@@ -198,8 +235,17 @@ def require(ok: bool, message: str):
         raise ConfigError(message)
 
 
+# Counts, lengths and seeds go into MLX's 32-bit shapes, positions and seeds: a larger one
+# (a typo, an extra digit) would end in an overflow's traceback.
+INT_MAX = 2**31 - 1
+MAX_MEMORY_GB = 1e6  # a petabyte; --max-memory 1e300 overflows its count of bytes
+
+
 def at_least(name: str, value, minimum):
+    """value >= minimum; an integer also at most INT_MAX."""
     require(value >= minimum, f"{flag(name)} must be at least {minimum}, not {value}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        at_most(name, value, INT_MAX)
 
 
 def above(name: str, value, bound):

@@ -23,6 +23,7 @@ system prompt.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -182,10 +183,17 @@ def _text(value: str, name: str, where: str) -> str:
 
 
 def _number_text(value: Any, name: str, where: str) -> str:
-    """A numeric answer as canonical text ("1,000" -> "1000", 145.0 -> "145")."""
-    number = parse_number(value) if isinstance(value, str) else float(value)
+    """A numeric answer as canonical text ("1,000" -> "1000", 145.0 -> "145"). NaN, infinities
+    and numbers beyond float range (JSON reads NaN and Infinity) match no completion: bad data."""
+    try:
+        number = parse_number(value) if isinstance(value, str) else float(value)
+    except OverflowError:  # an int too large for a float
+        number = math.inf
     if number is None:
         raise TaskError(f"{where}: non-numeric answer {value!r} in field {name!r}")
+    if not math.isfinite(number):
+        shown = value if isinstance(value, float) or len(str(value)) <= 40 else f"{str(value)[:20]}..."
+        raise TaskError(f"{where}: field {name!r} holds {shown!r}, not a finite number")
     if number.is_integer() and abs(number) < 2**53:
         return str(int(number))
     return repr(number)
@@ -256,10 +264,10 @@ def _convert(records: dict[str, list[Record]], example: Callable[[dict, str], Ex
 
 
 def _svamp_example(rec: dict, where: str) -> Example:
-    body = _field(rec, "Body", where)
-    question = _field(rec, "Question", where)
+    body = _text(_field(rec, "Body", where), "Body", where)
+    question = _text(_field(rec, "Question", where), "Question", where)
     answer = _field(rec, "Answer", where, (str, int, float))
-    return Example(_text(f"{body} {question}", "Body/Question", where), _number_text(answer, "Answer", where))
+    return Example(f"{body} {question}", _number_text(answer, "Answer", where))
 
 
 def _solution_answer(solution: str, name: str, where: str) -> str:

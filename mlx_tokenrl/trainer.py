@@ -13,6 +13,7 @@ directory. Collectives and failure handling: `distributed.py`.
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, astuple, dataclass, fields, replace
 from pathlib import Path
@@ -136,6 +137,7 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
     stats = {"rewards": [c.reward for c in completions],
              "reward_sums": {name: sum(s[name] for s in scores) for name in reward.names},
              "lengths": [len(c.tokens) for c in completions],
+             "truncated": sum(c.truncated for c in completions),
              "groups": len(groups), "groups_with_signal": signal,
              "solved": sum(map(sum, solved)),
              "groups_with_solved_signal": sum(has_signal(s) for s in solved),
@@ -214,6 +216,22 @@ def apply_update(model, optimizer, grads, clip: float, step: int):
 
 
 # ---- the run --------------------------------------------------------------------------
+
+# Above this share of a step's completions cut off at --max-new-tokens, the run says so.
+TRUNCATION_WARNING = 0.10
+
+
+def warn_if_truncated(metrics: dict, cfg: TrainConfig, warned: bool) -> bool:
+    """One line on stderr, the first time in a run that a step's completions were cut off
+    at --max-new-tokens too often: a cut answer rarely holds its final number, so it scores
+    0 however good its reasoning. Returns whether the run has warned."""
+    if warned or not metrics["truncation_rate"] > TRUNCATION_WARNING:
+        return warned
+    print(f"warning: step {metrics['step']}: {metrics['truncation_rate']:.0%} of the "
+          f"completions hit --max-new-tokens {cfg.max_new_tokens} before they ended; "
+          f"truncated answers rarely score: raise --max-new-tokens", file=sys.stderr, flush=True)
+    return True
+
 
 def warmup_cosine(peak: float, steps: int, warmup: int, floor: float):
     """Learning rate of the update at 0-based step i: a linear warmup that is already
@@ -342,6 +360,7 @@ class RankNumbers:
     loss_peak: float
     solved: float
     groups_with_solved_signal: float
+    truncated: float  # completions that hit --max-new-tokens (replay's not counted)
 
 
 def gather_numbers(world: World, mine: RankNumbers, what: str) -> list:
@@ -388,7 +407,8 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         generated_tokens=sum(stats["lengths"]), loss=float(loss), rollout_s=t1 - t0,
         loss_s=t2 - t1 - t_totals, step_s=t2 - t0, rollout_peak=rollout_peak,
         loss_peak=mx.get_peak_memory(), solved=stats["solved"],
-        groups_with_solved_signal=stats["groups_with_solved_signal"]),
+        groups_with_solved_signal=stats["groups_with_solved_signal"],
+        truncated=stats["truncated"]),
         f"the metrics exchange of step {step + 1}")
     total = RankNumbers(*(sum(getattr(r, f.name) for r in ranks) for f in fields(RankNumbers)))
     n = max(total.samples, 1)
@@ -420,6 +440,7 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         "signal_fraction": total.groups_with_signal / max(total.groups, 1),
         "solve_rate": total.solved / n,
         "solved_signal_fraction": total.groups_with_solved_signal / max(total.groups, 1),
+        "truncation_rate": total.truncated / n,
         "selected_tokens": int(totals.selected),
         "generated_tokens": int(total.generated_tokens),
         "loss": total.loss,
@@ -492,6 +513,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
     loss_and_grad = make_loss_and_grad(model, cfg.beta, cfg.compile)
     state = {"config": asdict(cfg)}
     done = start
+    warned_truncation = False
     try:
         for step in range(start, cfg.steps):
             # MLX keeps freed buffers for reuse (on Metal up to its memory limit, on the CPU
@@ -502,6 +524,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
                                on_phase=report_phase,
                                on_selected=samples.for_step(step) if is_main else None)
             done = step + 1
+            if is_main:
+                warned_truncation = warn_if_truncated(metrics, cfg, warned_truncation)
             if cfg.eval_every and done % cfg.eval_every == 0:
                 mx.clear_cache()
                 summary = run_eval(model, tokenizer, task, cfg, world, report_phase)

@@ -18,11 +18,17 @@ INPUTS = {
     "nan.yaml": "task: multiply\nlr: .nan\n",
     "not_a_model.gguf": "this is text, not a GGUF file\n",
     "taken": "an existing file, not a directory\n",
+    "nan_answer.json": '[{"Body": "Tom has 3 apples.", "Question": "How many?", "Answer": NaN}]',
 }
 
-TRAIN = ["train", "multiply", "--digits", "1x1", "--model", "MODEL", "--out", "out"]
-EVAL = ["eval", "multiply", "--digits", "1x1", "--model", "MODEL", "--out", "out"]
-COMPARE = ["compare", "multiply", "--digits", "1x1", "--model", "MODEL", "--out", "out"]
+# A run that is tiny when a check it expects is missing (the case's own flags come later and
+# win): the test then fails in seconds, not after a default-length run of minutes.
+TINY_RUN = ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4"]
+TRAIN = ["train", "multiply", "--digits", "1x1", *TINY_RUN, "--model", "MODEL", "--out", "out"]
+EVAL = ["eval", "multiply", "--digits", "1x1", "--limit", "2", "--max-new-tokens", "4", "--model",
+        "MODEL", "--out", "out"]
+COMPARE = ["compare", "multiply", "--digits", "1x1", *TINY_RUN, "--eval-limit", "2",
+           "--final-eval-limit", "2", "--model", "MODEL", "--out", "out"]
 GENERATE = ["generate", "--prompt", "hi", "--model", "MODEL"]
 CHAT = ["chat", "--model", "MODEL"]
 FUSE = ["fuse", "--model", "MODEL", "--adapter", "ADAPTER"]
@@ -119,6 +125,19 @@ CASES = [
     (GENERATE + ["--raw", "--system", "be brief"], "--system-prompt does not apply with --raw"),
     (GENERATE + ["--raw", "--instruction", "be brief"], "--instruction does not apply with --raw"),
     (GENERATE + ["--adapter-path", "no-adapter"], "adapter no-adapter: missing adapter_config.json"),
+    # bad data: one line naming the file and record, never a traceback from the reward
+    (["train", "svamp", "--data", "nan_answer.json", *TINY_RUN, "--model", "MODEL", "--out", "out"],
+     "nan_answer.json, record 0 (0-based): field 'Answer' holds nan, not a finite number"),
+    (["eval", "svamp", "--data", "nan_answer.json", "--model", "MODEL", "--out", "out"],
+     "nan_answer.json, record 0 (0-based): field 'Answer' holds nan"),
+    # numbers past what MLX's 32-bit shapes, positions and seeds hold
+    (TRAIN + ["--seed", str(10 ** 20)], "--seed must be at most 2147483647"),
+    (TRAIN + ["--max-new-tokens", str(2 ** 63 - 1)], "--max-new-tokens must be at most 2147483647"),
+    (TRAIN + ["--group-size", str(2 ** 63 - 1)], "--group-size must be at most 2147483647"),
+    (TRAIN + ["--warmup-steps", str(10 ** 20)], "--warmup-steps must be at most 2147483647"),
+    (TRAIN + ["--max-memory", "1e300"], "--max-memory must be at most 1000000"),
+    (EVAL + ["--max-new-tokens", str(10 ** 20)], "--max-new-tokens must be at most 2147483647"),
+    (GENERATE + ["--max-tokens", str(10 ** 20)], "--max-tokens must be at most 2147483647"),
     (TRAIN + ["--reward-weights", "1,0.5"], "--reward-weights needs --reward-fn"),
     (TRAIN + ["--reward-fn", "m.py:a", "--reward-fn", "m.py:b", "--reward-weights", "1"],
      "--reward-weights has 1 weight(s) for 2 --reward-fn function(s)"),
@@ -229,7 +248,8 @@ def test_internal_errors_of_compare_and_eval_keep_their_traceback(command, tiny_
         raise ValueError("[matmul] Last dimension of first input with shape (1,3) must match")
 
     monkeypatch.setattr(evaluate, "rollout", broken)
-    result = CliRunner().invoke(app, [command[0], "multiply", *command[1:], "--model",
+    tiny = TINY_RUN + ["--final-eval-limit", "2"] if command[0] == "compare" else ["--limit", "2"]
+    result = CliRunner().invoke(app, [command[0], "multiply", *command[1:], *tiny, "--model",
                                       str(tiny_model_dir), "--out", str(tmp_path / "out")])
     assert result.exit_code == 70
     assert "Traceback" in result.stderr and "ValueError: [matmul]" in result.stderr

@@ -141,8 +141,10 @@ def test_final_eval_limit_is_checked_before_any_model_work(tmp_path):
 
 
 def test_compare_rejects_unknown_algorithms(tiny_model_dir, tmp_path):
-    result = CliRunner().invoke(app, ["compare", "multiply", "--algos", "grpo,ppo",
-                                      "--model", str(tiny_model_dir), "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["compare", "multiply", "--algos", "grpo,ppo", "--steps", "1",
+                                      "--group-size", "2", "--max-new-tokens", "4",
+                                      "--final-eval-limit", "2", "--model", str(tiny_model_dir),
+                                      "--out", str(tmp_path)])
     assert result.exit_code == 1 and "--algos" in result.output
 
 

@@ -101,7 +101,9 @@ def test_an_impossible_budget_stops_at_start_in_one_line(tiny_model_dir, tmp_pat
 ])
 def test_bad_memory_settings_are_one_line(tiny_model_dir, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "multiply", "--model", str(tiny_model_dir),
-                                      "--out", str(tmp_path / "run"), *args])
+                                      "--steps", "1", "--prompts-per-step", "1", "--group-size",
+                                      "2", "--max-new-tokens", "4", "--out",
+                                      str(tmp_path / "run"), *args])
     assert result.exit_code not in (0, 70)
     errors = result.stderr.splitlines()
     assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]

@@ -268,6 +268,18 @@ JSON_ARRAY_BAD = [
     ("svamp", [svamp_rec(), "not an object"], 1, "expected a JSON object"),
     ("svamp", [svamp_rec(body=3)], 0, "'Body' must be str"),
     ("jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}], 1, "missing field 'answer'"),
+    # numbers no completion can match (json writes NaN and Infinity, and reads them back)
+    ("svamp", [svamp_rec(), svamp_rec(answer=float("nan"))], 1, "'Answer' holds nan, not a finite"),
+    ("svamp", [svamp_rec(answer=float("inf"))], 0, "'Answer' holds inf, not a finite number"),
+    ("svamp", [svamp_rec(answer=-float("inf"))], 0, "'Answer' holds -inf, not a finite number"),
+    ("svamp", [svamp_rec(answer=10 ** 400)], 0, "'Answer' holds '10000000000000000000...'"),
+    ("svamp", [svamp_rec(answer="9" * 400)], 0, "not a finite number"),
+    ("gsm8k", [gsm8k_rec(answer="#### " + "9" * 400)], 0, "'answer' holds"),
+    ("jsonl", [{"prompt": "a", "answer": float("nan")}], 0, "'answer' holds nan"),
+    ("jsonl", [{"prompt": "a", "answer": float("inf")}], 0, "'answer' holds inf"),
+    # a SVAMP problem without its story or without its question
+    ("svamp", [svamp_rec(question="")], 0, "field 'Question' is empty"),
+    ("svamp", [svamp_rec(body=" \n")], 0, "field 'Body' is empty"),
 ]
 
 

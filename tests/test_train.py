@@ -249,7 +249,9 @@ def test_cli_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path, monkeypatch
                                  "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "no such mlx-lm model directory" in result.output
     assert "Traceback" not in result.output
-    result = runner.invoke(app, ["train", "multiply", "--algo", "ppo", "--model", str(tiny_model_dir)])
+    result = runner.invoke(app, ["train", "multiply", "--algo", "ppo", "--model", str(tiny_model_dir),
+                                 "--steps", "1", "--group-size", "2", "--max-new-tokens", "4",
+                                 "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "--algo must be one of" in result.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "answer": "1"}\n{not json\n')
