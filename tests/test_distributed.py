@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +89,146 @@ def test_two_rank_gradient_equals_one_process_gradient_on_the_union(lora_model, 
         np.testing.assert_allclose(np.array(summed[k]), np.array(ref[k]), atol=1e-5, rtol=0)
     assert max(float(mx.abs(g).max()) for g in ref.values()) > 1e-4
     assert abs(sum(float(l) for l, _ in per_rank) - float(loss1)) < 1e-5
+
+
+# ---- a whole step on a simulated world: the all-reduce and normalisation arithmetic ------
+
+class SimulatedRanks:
+    """`size` ranks of one process, each in a thread of its own, taking turns: only the
+    holder of the baton runs (MLX work is never concurrent); at a collective a rank leaves its
+    value, passes the baton and waits for the others, and every rank reads all the values."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.baton = threading.Lock()
+        self.arrived = threading.Barrier(size)
+        self.values = [None] * size
+
+    def exchange(self, rank: int, value: np.ndarray) -> list:
+        self.values[rank] = value
+        self.baton.release()
+        self.arrived.wait()  # every rank's value is in
+        values = list(self.values)
+        self.arrived.wait()  # and read by every rank before the next collective writes
+        self.baton.acquire()
+        return values
+
+    def run(self, work):
+        """work(rank) on every rank; their results, rank by rank."""
+        results = [None] * self.size
+        failures = []
+
+        def rank_thread(rank):
+            with self.baton:
+                try:
+                    results[rank] = work(rank)
+                except BaseException as exc:  # noqa: BLE001  (re-raised below)
+                    failures.append(exc)
+                    self.arrived.abort()
+
+        threads = [threading.Thread(target=rank_thread, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise failures[0]
+        return results
+
+
+class SimulatedGroup:
+    """What World needs of an `mx.distributed.Group`."""
+
+    def __init__(self, ranks: SimulatedRanks, rank: int):
+        self.ranks, self._rank = ranks, rank
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self.ranks.size
+
+
+def simulated_all_sum(x, group=None, stream=None):
+    """The ring's all-reduce as arithmetic: every rank gets the elementwise sum."""
+    mine = np.array(x)
+    return mx.array(np.sum(group.ranks.exchange(group.rank(), mine), axis=0).astype(mine.dtype))
+
+
+def simulated_all_gather(x, group=None, stream=None):
+    return mx.array(np.concatenate(group.ranks.exchange(group.rank(), np.array(x))))
+
+
+def scripted_rollout(model, tokenizer, prompts, group_size, params, seeds, **_):
+    """Completions fixed by each prompt's seed (as real ones are), rewarded "1" or "0" at
+    random: the same on any rank, with no sampling rounding in the way."""
+    completions = []
+    for prompt, seed in enumerate(seeds):
+        rng = np.random.default_rng(seed)
+        opening = rng.integers(3, 300, size=2).tolist()  # shared: T-SPMO has prefixes to branch on
+        for row in range(group_size):
+            tokens = opening + rng.integers(3, 300, size=int(rng.integers(1, 10))).tolist()
+            completions.append(Completion(prompt, tokens, False, str(int(row % 2 or rng.random() < 0.3))))
+    return completions
+
+
+def fresh_policy(tiny_model_dir):
+    """The tiny model with a generic adapter (B non-zero), its loss+grad and its weights."""
+    from mlx_tokenrl.models import add_lora, load_model, lora_config
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    mx.random.seed(0)
+    add_lora(model, lora_config(rank=4, scale=10.0))
+    for _, module in model.named_modules():
+        if hasattr(module, "lora_b"):
+            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.01
+    mx.eval(model.parameters())
+    before = dict(tree_flatten(model.trainable_parameters()))
+    return model, tokenizer, make_loss_and_grad(model, 0.0, compile=False), before
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_a_step_on_simulated_ranks_is_the_one_process_step(tiny_model_dir, monkeypatch, algo):
+    """run_step on 2 and 3 simulated ranks (World's own reduction code; only the transport
+    is simulated) against run_step in one process: the same grad_norm, loss and update on
+    every rank. Dividing the summed gradient by the number of ranks, normalising by a rank's
+    own counts or skipping the all-reduce each move them by a third or more."""
+    import mlx.optimizers as optim
+
+    from mlx_tokenrl.tasks import Example, Task
+
+    monkeypatch.setattr(trainer, "rollout", scripted_rollout)
+    monkeypatch.setattr(mx.distributed, "all_sum", simulated_all_sum)
+    monkeypatch.setattr(mx.distributed, "all_gather", simulated_all_gather)
+    cfg = TrainConfig(task="multiply", algo=algo, prompts_per_step=5, group_size=4, grad_clip=0,
+                      microbatch_rows=4, compile=False, sgrpo_alpha=2, sgrpo_k=5, sgrpo_p=0.5,
+                      tspmo_max_pairs=6, tspmo_replay=0)
+    task = Task("sim", [Example(f"what is {i} + 1?", "1") for i in range(8)], [],
+                lambda text, answer: float(text == answer))
+
+    def step_on(world):
+        """Step 3 with plain SGD (lr 1, no clipping): the update is the summed gradient
+        itself, whose scale AdamW's per-coordinate normalisation would hide."""
+        model, tokenizer, loss_and_grad, before = fresh_policy(tiny_model_dir)
+        metrics = trainer.run_step(model, tokenizer, task, cfg, world, optim.SGD(learning_rate=1.0),
+                                   loss_and_grad, 2)
+        moved = {k: np.array(v - before[k]) for k, v in tree_flatten(model.trainable_parameters())}
+        return metrics, moved
+
+    ref, ref_moved = step_on(World(None))
+    assert ref["selected_tokens"] > 0 and ref["grad_norm"] > 1e-3
+    scale = max(np.abs(m).max() for m in ref_moved.values())
+    for size in (2, 3):
+        ranks = SimulatedRanks(size)
+        # (models are built rank by rank inside the turns: LoRA's init draws from MLX's seed)
+        results = ranks.run(lambda rank: step_on(World(SimulatedGroup(ranks, rank))))
+        for metrics, moved in results:
+            assert metrics["ranks"] == size
+            assert metrics["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+            assert metrics["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)
+            assert metrics["selected_tokens"] == ref["selected_tokens"]
+            for k, m in moved.items():
+                np.testing.assert_allclose(m, ref_moved[k], rtol=0, atol=1e-4 * scale)
 
 
 def test_uneven_shards_and_a_batch_smaller_than_the_world():
@@ -250,14 +391,46 @@ def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, den
     assert (out / "checkpoints" / "latest").read_text() == "step-000004"
 
 
-def wait_for_steps(metrics: Path, n: int, proc, timeout=60):
-    deadline = time.monotonic() + timeout
+# Wraps the CLI: once a rank has finished step 2 (imports, model load, compile and the first
+# steps behind it: what a busy machine slows down unevenly between ranks) it switches to the
+# short peer deadline under test and leaves a mark.
+IN_THE_LOOP = """
+import os
+import sys
+from pathlib import Path
+
+from mlx_tokenrl import trainer
+
+marks, peer_timeout = Path(sys.argv[1]), sys.argv[2]
+real = trainer.run_step
+
+def run_step(model, tokenizer, task, cfg, world, *args, **kwargs):
+    metrics = real(model, tokenizer, task, cfg, world, *args, **kwargs)
+    if metrics["step"] == 2:
+        os.environ["TOKENRL_PEER_TIMEOUT"] = peer_timeout  # read at every collective
+        (marks / f"rank{world.rank()}").touch()
+    return metrics
+
+trainer.run_step = run_step
+from tokenrl_cli.main import app
+app(sys.argv[3:])
+"""
+HANG_GUARD = 900.0  # s: only a run that stopped making progress takes this long
+
+
+def wait_until(condition, proc, what: str):
+    """Wait while the launched ranks run, however slowly a busy machine runs them."""
+    deadline = time.monotonic() + HANG_GUARD
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+        if condition():
             return
         time.sleep(0.05)
-    raise AssertionError("training did not reach the step")
+    raise AssertionError(f"{what} did not happen within {HANG_GUARD:.0f} s")
+
+
+def steps_written(metrics: Path) -> int:
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
 def wait_gone(pid, timeout):
@@ -275,18 +448,27 @@ def test_a_dead_or_frozen_rank_ends_the_other_within_the_bound(tiny_model_dir, d
     """kill -9: the peer's sockets close, the survivor stops at once (under mlx.launch the
     launcher ends it even sooner). A frozen rank (SIGSTOP: what a vanished machine looks
     like) closes nothing: the survivor's watchdog stops it after max(TOKENRL_PEER_TIMEOUT,
-    3 x slowest step)."""
+    3 x slowest step).
+
+    The run starts with a long peer deadline, since on a busy machine one rank's start-up and
+    first steps can run many seconds behind the other's (a 6 s deadline from the start ended
+    healthy ranks); the ranks switch to the 6 s under test once both are in the training
+    loop, and a rank is stopped only after a whole step has run with it on both."""
     out = tmp_path / "run"
-    # Before the first step is timed the watchdog waits this long: 2 s ended healthy ranks on a
-    # busy machine (one rank's first step, with its compile, ran 2 s behind the other's).
+    marks = tmp_path / "in-the-loop"
+    marks.mkdir()
+    (tmp_path / "in_the_loop.py").write_text(IN_THE_LOOP)
     peer_timeout = 6.0
-    proc = launch(["tokenrl-mlx", *train_args(tiny_model_dir, dense, out, 1000, save_every=1000)],
-                  TOKENRL_PEER_TIMEOUT=peer_timeout)
+    proc = launch([sys.executable, str(tmp_path / "in_the_loop.py"), str(marks), str(peer_timeout),
+                   *train_args(tiny_model_dir, dense, out, 1000, save_every=1000)],
+                  TOKENRL_PEER_TIMEOUT=HANG_GUARD)
     pids = []
     try:
-        pids = launched_rank_pids(proc, 2)
+        pids = launched_rank_pids(proc, 2, timeout=HANG_GUARD)
         assert len(pids) == 2, "mlx.launch did not start two ranks"
-        wait_for_steps(out / "metrics.jsonl", 3, proc)
+        wait_until(lambda: len(list(marks.iterdir())) == 2, proc, "both ranks reaching step 2")
+        # rank 0 writes a step's metrics after its collectives: step 4 ran on the short deadline
+        wait_until(lambda: steps_written(out / "metrics.jsonl") >= 4, proc, "step 4")
         slowest = max(json.loads(line)["step_s"] for line in open(out / "metrics.jsonl"))
         os.kill(pids[1], signal.SIGKILL if how == "kill -9" else signal.SIGSTOP)
         # the documented bound: one step of its own work, then the collective's deadline
@@ -297,7 +479,7 @@ def test_a_dead_or_frozen_rank_ends_the_other_within_the_bound(tiny_model_dir, d
         if how == "freeze" and len(pids) == 2:
             with contextlib.suppress(ProcessLookupError):  # not to hide why the test failed
                 os.kill(pids[1], signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=120)
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 0 of 2:"), stderr
     assert f"--resume {out}" in errors[0]

@@ -180,3 +180,52 @@ def test_train_refuses_a_sliding_window_model_before_writing_anything(tmp_path):
     assert "model type 'llama' is not supported" in result.output
     assert "RotatingKVCache" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+# ---- training's rollouts sample at the run's --temperature and --top-p ----------------------
+
+def nucleus(probs, top_p):
+    """`probs` restricted to the fewest most likely tokens whose mass reaches top_p, renormalised
+    (written out here, not mlx-lm's apply_top_p)."""
+    order = np.argsort(-probs)
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    kept = np.zeros_like(probs)
+    kept[order[mass_before < top_p]] = probs[order[mass_before < top_p]]
+    return kept / kept.sum()
+
+
+def tempered(logits, temperature, top_p):
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return nucleus(np.exp(z - z.max()) / np.exp(z - z.max()).sum(), top_p)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.5, 1.0), (1.6, 1.0), (1.0, 0.5), (0.8, 0.7)])
+def test_training_rollouts_sample_the_softmax_at_the_runs_temperature_and_top_p(
+        tiny_model_dir, temperature, top_p):
+    """The first token of 4000 completions of one prompt, drawn as a training step draws them
+    (rollout_and_select, from the run's config), against softmax(logits / T) cut to top-p,
+    both written out here from the model's own logits in float64. Sampling at 1.0 or without
+    the top-p cut is many standard errors away (checked below, so the test keeps its bite)."""
+    from mlx_tokenrl.config import TrainConfig
+    from mlx_tokenrl.models import load_model
+    from mlx_tokenrl.tasks import load_task
+    from mlx_tokenrl.trainer import rollout_and_select
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    task = load_task("multiply", digits="1x1")
+    rows = 4000
+    cfg = TrainConfig(task="multiply", algo="grpo", prompts_per_step=1, group_size=rows,
+                      max_new_tokens=1, temperature=temperature, top_p=top_p)
+    groups = []
+    rollout_and_select(model, tokenizer, task, cfg, 0, task.train, [0],
+                       on_selected=lambda selected: groups.extend(g.completions for g in selected))
+    prompt = encode_prompts(tokenizer, [task.prompt(tokenizer, task.train[0].question)])[0]
+    logits = np.array(model(mx.array(prompt)[None])[0, -1], dtype=np.float64)
+    probs = tempered(logits, temperature, top_p)
+    freq = np.bincount([c.tokens[0] for c in groups[0]], minlength=len(probs)) / rows
+    tolerance = 5 * np.sqrt(probs * (1 - probs) / rows) + 1e-3
+    assert np.all(np.abs(freq - probs) <= tolerance), np.abs(freq - probs).max()
+    # What a sampler ignoring either setting would draw is far outside that tolerance.
+    for wrong in (tempered(logits, 1.0, top_p), tempered(logits, temperature, 1.0)):
+        if not np.array_equal(wrong, probs):
+            assert np.any(np.abs(wrong - probs) > 3 * tolerance)
