@@ -75,3 +75,21 @@ def test_a_run_whose_completions_are_cut_warns_once(tiny_model_dir, tmp_path):
     assert len(rates) == 2 and all(rate > TRUNCATION_WARNING for rate in rates)
     warnings = [line for line in result.stderr.splitlines() if "raise --max-new-tokens" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: step 1: ")
+
+
+def test_eval_scores_with_the_tasks_max_new_tokens(tiny_model_dir, tmp_path, monkeypatch):
+    from mlx_tokenrl import evaluate
+    from mlx_tokenrl.tasks import TaskError
+
+    budgets = []
+
+    def scored(net, tokenizer, task, examples, max_new_tokens, *args, **kwargs):
+        budgets.append(max_new_tokens)
+        raise TaskError("enough")  # (ends the command in one line, before any decoding)
+
+    monkeypatch.setattr(evaluate, "evaluate", scored)
+    for task, extra in (("svamp", []), ("multiply", []), ("svamp", ["--max-new-tokens", "64"])):
+        result = CliRunner().invoke(app, ["eval", task, "--model", str(tiny_model_dir), "--limit",
+                                          "1", "--out", str(tmp_path / task), *extra])
+        assert "enough" in result.output
+    assert budgets == [300, 256, 64]
