@@ -21,9 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 from rich.text import Text
 
-from mlx_tokenrl.config import (GENERAL_DEFAULTS, ConfigError, TrainConfig, config_from_dict, flag,
+from mlx_tokenrl.config import (GENERAL_DEFAULTS, TrainConfig, config_from_dict, flag,
                                 stated_default)
-from mlx_tokenrl.models import first_line
+from mlx_tokenrl.messages import InputError, first_line
 
 console = Console()
 err_console = Console(stderr=True)
@@ -32,16 +32,8 @@ EXIT_USER_ERROR = 1  # (a malformed command line exits with click's 2)
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h): a bug, reported with its traceback
 
 
-class UserError(Exception):
-    """Bad input from the user: reported as one line, exit code 1."""
-
-
-def user_error_types():
-    from mlx_tokenrl.gguf_import import GGUFError
-    from mlx_tokenrl.models import ModelLoadError
-    from mlx_tokenrl.tasks import TaskError
-
-    return UserError, ConfigError, ModelLoadError, TaskError, GGUFError
+class UserError(InputError):
+    """Bad input from the user, found by the CLI itself."""
 
 
 def print_error(message: str):
@@ -57,7 +49,7 @@ def reported_errors():
 
     try:
         yield
-    except user_error_types() as exc:
+    except InputError as exc:
         print_error(str(exc))
         raise typer.Exit(EXIT_USER_ERROR)
     except RewardFunctionError as exc:  # the user's code: its traceback helps them fix it
@@ -81,10 +73,36 @@ def reflowed(text: str) -> str:
     return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
 
 
+def with_default(text: str, default) -> str:
+    """An option's help with its default, written one way in every command's help."""
+    return f"{text} (default: {default})"
+
+
+def valueless(option):
+    """A flag takes no value: its help shows no '<bool>' beside it."""
+    if option is not None and option.is_flag:
+        option.metavar = ""
+    return option
+
+
+def help_option(option):
+    """--help, shown as a flag, and False when not given: Typer leaves it None, which it then
+    converts through pydantic, ~0.4 s of imports for `tokenrl-mlx COMMAND --help`."""
+    if option is not None:
+        option.default = False
+    return valueless(option)
+
+
+class Group(typer.core.TyperGroup):
+    def get_help_option(self, ctx):
+        return help_option(super().get_help_option(ctx))
+
+
 class Command(typer.core.TyperCommand):
     """Reports a malformed command line (an unknown option, 'abc' for a number, a missing
     required option) as one `error:` line like every other user error, not click's box;
-    lists itself in `tokenrl-mlx --help` by its help's first paragraph."""
+    lists itself in `tokenrl-mlx --help` by its help's first paragraph; writes defaults as
+    the options from TrainConfig do, after the help, not as Typer's `[default: X]` line."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -93,6 +111,15 @@ class Command(typer.core.TyperCommand):
         if self.help:
             self.help = reflowed(self.help)
             self.short_help = self.short_help or self.help.split("\n\n")[0]
+        for param in self.params:
+            if isinstance(param, typer.core.TyperOption):
+                valueless(param)
+                switch = param.is_flag and not param.secondary_opts  # off unless given
+                if param.show_default is True and param.default is not None and not switch:
+                    param.help, param.show_default = with_default(param.help, param.default), False
+
+    def get_help_option(self, ctx):
+        return help_option(super().get_help_option(ctx))
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -146,7 +173,7 @@ HELP = {
     "sgrpo_p": ("S-GRPO", "Probability that each later token joins the loss until k are chosen."),
     "tspmo_max_pairs": ("T-SPMO", "Most (prefix, token) pairs per group (random subset when over)."),
     "tspmo_replay": ("T-SPMO", "Successful completions per step re-sampled from a random cut."),
-    "max_memory": ("Compute", "Loss+grad memory budget in GB (weights included): the loss's microbatch rows, and gradient checkpointing if one row needs it, are picked from its measured peak; too small a budget stops the run at start (default: 75% of the machine's memory: Metal's recommended working set, else RAM)."),
+    "max_memory": ("Compute", "Loss+grad memory budget in GB, weights included: sets the loss's microbatch rows (default: 75% of RAM, on Metal of its working set)."),
     "microbatch_rows": ("Compute", "Rows per loss microbatch, fixed (instead of --max-memory's choice)."),
     "grad_checkpoint": ("Compute", "Recompute activations in the backward pass (long completions)."),
     "compile": ("Compute", "mx.compile the loss+grad step."),
@@ -159,6 +186,8 @@ HELP = {
     "samples_every": ("Tracking", "Write prompts, completions, rewards and selected tokens to samples.jsonl on step 1 and every N steps; 0 disables."),
     "samples_count": ("Tracking", "Prompts per sample (each with its whole group of completions)."),
 }
+# Every command takes both spellings: ours (as TrainConfig's field) and mlx-lm generate's.
+MAX_NEW_TOKENS = ("--max-new-tokens", "--max-tokens")
 CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": list[str],
              "reward_weights": str, "max_memory": float, "microbatch_rows": int, "lr": float,
              "max_new_tokens": int}
@@ -186,10 +215,11 @@ def config_parameters(extra, skip=(), defaults=None):
             default = stated_default(f.name)
         kind = CLI_TYPES.get(f.name, type(default) if default is not None else str)
         name = flag(f.name)
-        decls = [f"{name}/--no-{name[2:]}"] if kind is bool else [name]
+        decls = ([f"{name}/--no-{name[2:]}"] if kind is bool else
+                 list(MAX_NEW_TOKENS) if f.name == "max_new_tokens" else [name])
         # The option's own default stays None, so that a value from --config is not overridden.
-        shown = "" if default is None else f" (default: {default})"
-        option = typer.Option(*decls, help=text + shown, rich_help_panel=panel,
+        option = typer.Option(*decls, help=text if default is None else with_default(text, default),
+                              rich_help_panel=panel,
                               show_default=False)
         params.append(option_parameter(f.name, Annotated[Optional[kind], option]))
     params.append(option_parameter("config", Annotated[Optional[Path], typer.Option(
@@ -216,16 +246,24 @@ def read_config_file(path: Path) -> dict:
     return values
 
 
-def resolve_config(cli_values: dict, config_file: Path | None, defaults=None) -> TrainConfig:
-    """CLI values over the config file's over the command's `defaults` over TrainConfig's,
-    validated."""
-    values = dict(defaults or {})
+def given_values(cli_values: dict, config_file: Path | None) -> dict:
+    """The settings a command gives: its flags over its --config file's, no defaults."""
+    values = {}
     if config_file is not None:
         values.update({str(k).replace("-", "_"): v
                        for k, v in read_config_file(config_file).items()})
     values.update({k: v for k, v in cli_values.items() if v is not None})
-    cfg = config_from_dict(values)
+    return values
+
+
+def resolve_config(cli_values: dict, config_file: Path | None, defaults=None) -> TrainConfig:
+    """CLI values over the config file's over the command's `defaults` over TrainConfig's,
+    validated."""
+    from mlx_tokenrl.tasks import check_task_name
+
+    cfg = config_from_dict({**(defaults or {}), **given_values(cli_values, config_file)})
     cfg.validate()
+    check_task_name(cfg.task)  # here, not seconds later when the trainer has loaded
     return cfg
 
 

@@ -6,7 +6,6 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from mlx_tokenrl.compare import cell, paired_cell, run_compare
 from mlx_tokenrl.config import ALGOS
 
 from .common import (config_parameters, console, new_config, option_parameter, report_step,
@@ -18,6 +17,8 @@ DEFAULTS = {"out": "runs/compare"}
 
 def print_tables(rows, pairs):
     """Accuracy, arm against arm and cost apart, so that each stays readable at 80 columns."""
+    from mlx_tokenrl.compare import cell, paired_cell
+
     accuracy = Table(title=f"held-out accuracy (greedy, n={rows[0]['n']})")
     cost = Table(title="training cost")
     for table in (accuracy, cost):
@@ -63,6 +64,8 @@ def compare(**kwargs):
     final_eval_limit = kwargs.pop("final_eval_limit")
     with reported_errors():
         cfg = new_config(kwargs, DEFAULTS)
+        from mlx_tokenrl.compare import run_compare  # (seconds: not for a bad option)
+
         progress = step_progress(max(map(len, ["base", *specs])),
                                  max(cfg.steps, final_eval_limit or cfg.eval_limit))
         arm = {}  # the arm being trained or evaluated: its name, bar, whether it trains
@@ -118,6 +121,8 @@ compare.__signature__ = inspect.Signature(config_parameters([
              "all 300 while --eval-limit 100 keeps the in-training ones quick. (default: "
              "--eval-limit)", rich_help_panel="Compare", show_default=False)]),
     option_parameter("resume", Annotated[bool, typer.Option(
-        "--resume", help="Skip finished arms and continue an unfinished one from its checkpoint.",
+        "--resume", help="Continue the compare in --out: the command that started it plus "
+        "--resume skips finished arms and continues an unfinished one from its checkpoint. "
+        "Settings must keep their values, but how steps run may change, e.g. --max-memory.",
         rich_help_panel="Compare", show_default=False)], False),
 ], skip={"algo"}, defaults=DEFAULTS))

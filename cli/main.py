@@ -5,7 +5,7 @@ import typer
 from mlx_tokenrl import backend  # noqa: F401  (fast BLAS before any mlx import)
 
 from . import compare, convert, train, use
-from .common import Command
+from .common import Command, Group
 
 app = typer.Typer(
     name="tokenrl-mlx",
@@ -13,6 +13,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=Group,
 )
 
 app.command("train", cls=Command)(train.train)

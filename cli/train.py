@@ -4,21 +4,21 @@ import contextlib
 import inspect
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mlx_tokenrl.checkpoint import latest_checkpoint
 from mlx_tokenrl.config import (DEFAULT_MODEL, DTYPE_CHOICES, HOW_NOT_WHAT, QUANTIZE_BITS,
-                                TrainConfig, at_least, config_from_dict, flag, one_of,
-                                output_dir, read_json_object, stated_default, task_default)
+                                TrainConfig, at_least, changed_settings, config_from_dict,
+                                one_of, output_dir, read_json_object, stated_default,
+                                task_default)
 from mlx_tokenrl.launch import launched_rank
-from mlx_tokenrl.trainer import train as run_training
 
-from .common import (HELP, UserError, config_parameters, console, new_config, option_parameter,
-                     report_step, reported_errors, step_progress)
+from .common import (HELP, MAX_NEW_TOKENS, UserError, config_parameters, console, given_values,
+                     new_config, option_parameter, report_step, reported_errors, step_progress)
 
 
 # What a resume may change: how long the run is, and how its steps are computed or recorded
@@ -27,31 +27,37 @@ from .common import (HELP, UserError, config_parameters, console, new_config, op
 RESUME_MAY_CHANGE = {"steps"} | (HOW_NOT_WHAT - {"out"})
 
 
-def resumed_config(run_dir: Path, cli_values: dict) -> TrainConfig:
-    """The run's saved config, with the RESUME_MAY_CHANGE settings given now."""
-    given = {k: v for k, v in cli_values.items() if v is not None}
-    refused = [("TASK" if k == "task" else flag(k)) for k in given if k not in RESUME_MAY_CHANGE]
-    if refused:
-        raise UserError(f"--resume continues with the run's saved settings; only --steps and "
-                        f"how steps run (e.g. --max-memory) may change (drop {', '.join(refused)})")
+def resumed_config(run_dir: Path, given: dict) -> TrainConfig:
+    """The run's saved config, continued by the command that started it plus --resume:
+    `given` (given_values) may repeat any of the run's settings, and change the
+    RESUME_MAY_CHANGE ones; any other change is refused, each named with both values."""
     saved = run_dir / "config.json"
     if not saved.is_file() and (launched_rank() or 0) > 0:
         # Another host of a multi-host run: rank 0 sends its saved config and checkpoint.
         return config_from_dict({"out": str(run_dir)})
     if not saved.is_file():
         raise UserError(f"--resume {run_dir}: no config.json there (not a run directory)")
-    values = read_json_object(saved, "a run's config.json")
+    values = {**read_json_object(saved, "a run's config.json"), "out": str(run_dir)}
+    run = config_from_dict(values)
+    if "out" in given and Path(given["out"]).resolve() == run_dir.resolve():
+        given = {k: v for k, v in given.items() if k != "out"}  # the run's, spelled another way
     if {"max_memory", "microbatch_rows"} & given.keys():  # either one replaces the other
         values.update(max_memory=None, microbatch_rows=None)
-    values.update(given)
-    values["out"] = str(run_dir)
-    cfg = config_from_dict(values)
+    cfg = config_from_dict({**values, **given})
+    changes = changed_settings(asdict(run), asdict(cfg), [k for k in given
+                                                         if k not in RESUME_MAY_CHANGE])
+    if changes:
+        raise UserError(f"--resume {run_dir}: the run was started with other settings "
+                        f"({'; '.join(changes)}); only --steps and how steps run (e.g. "
+                        f"--max-memory) may change")
     cfg.validate()
     return cfg
 
 
 def finished_steps(run_dir: Path) -> int:
     """Steps in the run's last complete checkpoint (0 if none)."""
+    from mlx_tokenrl.checkpoint import latest_checkpoint
+
     checkpoint = latest_checkpoint(run_dir)
     return json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
 
@@ -61,7 +67,8 @@ def train(**kwargs):
     resume = kwargs.pop("resume")
     with reported_errors():
         if resume is not None:
-            cfg = resumed_config(resume, kwargs)
+            config_file = kwargs.pop("config")
+            cfg = resumed_config(resume, given_values(kwargs, config_file))
             done = finished_steps(resume)
             if done > cfg.steps:
                 raise UserError(f"--steps {cfg.steps}: the run in {resume} has already "
@@ -72,6 +79,8 @@ def train(**kwargs):
                 return
         else:
             cfg = new_config(kwargs)
+        from mlx_tokenrl.trainer import train as run_training  # (seconds: not for a bad option)
+
         main = (launched_rank() or 0) == 0  # with several ranks, rank 0 alone reports
         name = f"{cfg.algo} on {cfg.task}"
         progress = step_progress(len(name), cfg.steps)
@@ -103,9 +112,10 @@ def train(**kwargs):
 
 train.__signature__ = inspect.Signature(config_parameters([option_parameter(
     "resume", Annotated[Optional[Path], typer.Option(
-        help="Continue the run in this directory from its last checkpoint (its saved config; "
-             "--steps may extend it, and the settings of how steps run may change, e.g. "
-             "--max-memory).", rich_help_panel="Bookkeeping")])]))
+        help="Continue the run in this directory from its last checkpoint: the command that "
+             "started it plus --resume RUN, or --resume RUN alone (its saved settings). Settings "
+             "given again must keep the run's values, but --steps may extend it and how steps "
+             "run may change, e.g. --max-memory.", rich_help_panel="Bookkeeping")])]))
 
 
 def help_of(name: str, default=None):
@@ -146,7 +156,7 @@ def evaluate(
         help="Seed of generated tasks (multiply; default: the adapter's run's, else 0).",
         show_default=False)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(
-        help=f"Longest completion (default: {stated_default('max_new_tokens')}).",
+        *MAX_NEW_TOKENS, help=f"Longest completion (default: {stated_default('max_new_tokens')}).",
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 32,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
@@ -156,8 +166,6 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="Where to write examples.jsonl and summary.json (default: ADAPTER/eval-TASK-SPLIT or runs/eval-TASK-SPLIT).")] = None,
 ):
     """Greedy held-out accuracy (and the rate of '#### N' / '\\boxed{N}' answers) of a model, with or without adapter."""
-    from mlx_tokenrl.evaluate import evaluate as run_eval, write_eval
-    from mlx_tokenrl.models import adapter_model, load_model
     from mlx_tokenrl.tasks import adapter_prompt, adapter_task_settings, load_task, saved_run
 
     with reported_errors():
@@ -185,6 +193,9 @@ def evaluate(
         examples = loaded.split(split)[:limit]
         if not examples:
             raise UserError(f"{task} {split} split has no examples")
+        from mlx_tokenrl.evaluate import evaluate as run_eval, write_eval  # (seconds: MLX, mlx-lm)
+        from mlx_tokenrl.models import adapter_model, load_model
+
         model = adapter_model(model, adapter)
         if quantize is None and run is not None:  # a QLoRA adapter is scored as it trained
             quantize = run.get("quantize")
@@ -203,7 +214,8 @@ def evaluate(
         low, high = summary["ci95"]
         console.print(f"accuracy {summary['accuracy']:.1%} ({summary['correct']}/{summary['n']}, "
                       f"95% CI {low:.1%}-{high:.1%}) | format rate {summary['format_rate']:.1%} | "
-                      f"truncated {summary['truncation_rate']:.1%} at {max_new_tokens} tokens")
+                      f"truncated {summary['truncation_rate']:.1%} at {max_new_tokens} tokens",
+                      soft_wrap=True)  # one line in a log file too, not wrapped at 80 columns
         write_eval(out, summary, records)
-        console.print(f"wrote {out}/examples.jsonl and summary.json")
+        console.print(f"wrote {out}/examples.jsonl and summary.json", soft_wrap=True)
         return summary

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from mlx_tokenrl.config import DEFAULT_MODEL, above, at_least, at_most, output_dir
-from mlx_tokenrl.models import first_line
+from mlx_tokenrl.messages import first_line
 
-from .common import UserError, err_console, reported_errors
+from .common import MAX_NEW_TOKENS, UserError, err_console, reported_errors
 
 ModelOpt = Annotated[Optional[str], typer.Option(
     help=f"Base model: hub id, local mlx-lm directory, fused directory or .gguf file (default: "
@@ -33,21 +33,21 @@ def fuse(
     out: Annotated[Path, typer.Option(help="Directory to write the fused mlx-lm model to.")],
     model: ModelOpt = None,
     dequantize: Annotated[bool, typer.Option(
-        help="Write full-precision weights even if the base model is quantized.")] = False,
+        "--dequantize", help="Write full-precision weights even if the base model is quantized.")] = False,
     upload: Annotated[Optional[str], typer.Option(
         help="Also push the fused model to this Hugging Face repo (user/name).")] = None,
 ):
     """Merge a LoRA adapter into its base model: a standalone mlx-lm model directory."""
-    from mlx_tokenrl import fuse as fusing
-    from mlx_tokenrl.models import adapter_model
-
     with reported_errors():
         output_dir("out", out)
+        from mlx_tokenrl import fuse as fusing  # (seconds: MLX, mlx-lm)
+        from mlx_tokenrl.models import adapter_model
+
         model = adapter_model(model, adapter)
         if Path(model).expanduser().resolve() == out.expanduser().resolve():
             raise UserError("--out must differ from --model: the base model would be overwritten")
         out_dir = fusing.fuse_adapter(model, adapter, out, dequantize=dequantize)
-        err_console.print(f"fused model saved to {out_dir}", highlight=False)
+        err_console.print(f"fused model saved to {out_dir}", highlight=False, soft_wrap=True)
         if upload:
             try:
                 fusing.upload(out_dir, upload)
@@ -55,11 +55,11 @@ def fuse(
                 raise UserError(f"upload of {out_dir} to {upload} failed: {first_line(exc)}") from None
 
 
-def check_sampling(temperature: float, max_tokens: int, top_p: float = 1.0, seed: int = 0):
+def check_sampling(temperature: float, max_new_tokens: int, top_p: float = 1.0, seed: int = 0):
     at_least("temperature", temperature, 0)
     above("top_p", top_p, 0)
     at_most("top_p", top_p, 1)
-    at_least("max_tokens", max_tokens, 1)
+    at_least("max_new_tokens", max_new_tokens, 1)
     at_least("seed", seed, 0)
 
 
@@ -111,16 +111,17 @@ def chat(
     instruction: InstructionOpt = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1 = off).")] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
+    max_new_tokens: Annotated[int, typer.Option(*MAX_NEW_TOKENS, help="Most tokens per reply.")] = 512,
 ):
     """Multi-turn chat in the terminal. /reset starts over, /exit or Ctrl-D quits."""
-    from mlx_tokenrl.models import adapter_model
     from mlx_tokenrl.tasks import format_prompt, saved_run, user_message
 
     with reported_errors():
-        check_sampling(temperature, max_tokens, top_p=top_p)
+        check_sampling(temperature, max_new_tokens, top_p=top_p)
         run = saved_run(adapter)
         prompt = _prompt_settings(run, instruction, system)
+        from mlx_tokenrl.models import adapter_model  # (seconds: MLX, mlx-lm)
+
         model = adapter_model(model, adapter)
         net, tokenizer = _load(model, adapter, run)
         if not tokenizer.has_chat_template:
@@ -151,7 +152,8 @@ def chat(
             messages.append({"role": "user", "content": user_message(line, prompt.instruction)})
             if not tty:
                 print("> ", end="")  # marks where each reply starts in piped output
-            reply = _stream(net, tokenizer, _chat_prompt(tokenizer, messages), max_tokens, sampler)
+            reply = _stream(net, tokenizer, _chat_prompt(tokenizer, messages), max_new_tokens,
+                            sampler)
             messages.append({"role": "assistant", "content": reply})
 
 
@@ -163,21 +165,17 @@ def generate(
     instruction: InstructionOpt = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling threshold (1 = off).")] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 512,
-    raw: Annotated[bool, typer.Option(help="Feed the prompt as is: no chat template, system prompt or instruction.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(*MAX_NEW_TOKENS, help="Most tokens to generate.")] = 512,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as is: no chat template, system prompt or instruction.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed for sampling (temperature > 0).")] = 0,
 ):
     """One-shot completion for scripts: prints only the generated text to stdout. The prompt is
     put as training puts a question: the chat template (or a plain Question/Answer layout),
     the adapter's run's system prompt and instruction."""
-    import mlx.core as mx
-
-    from mlx_tokenrl.models import adapter_model
-    from mlx_tokenrl.rollout import encode_prompts
     from mlx_tokenrl.tasks import format_prompt, saved_run
 
     with reported_errors():
-        check_sampling(temperature, max_tokens, top_p=top_p, seed=seed)
+        check_sampling(temperature, max_new_tokens, top_p=top_p, seed=seed)
         if raw and system:
             raise UserError("--system-prompt does not apply with --raw: put it in the prompt")
         if raw and instruction:
@@ -186,9 +184,14 @@ def generate(
             prompt = sys.stdin.read()
         run = saved_run(adapter)
         settings = _prompt_settings(run, instruction, system)
+        import mlx.core as mx  # (seconds with mlx-lm: not for a bad option)
+
+        from mlx_tokenrl.models import adapter_model
+        from mlx_tokenrl.rollout import encode_prompts
+
         net, tokenizer = _load(adapter_model(model, adapter), adapter, run)
         if not raw:  # token ids exactly as training encodes its prompts
             prompt = encode_prompts(tokenizer, [format_prompt(
                 tokenizer, prompt, settings.instruction, settings.system_prompt)])[0]
         mx.random.seed(seed)
-        _stream(net, tokenizer, prompt, max_tokens, _sampler(temperature, top_p))
+        _stream(net, tokenizer, prompt, max_new_tokens, _sampler(temperature, top_p))

@@ -55,8 +55,8 @@ def load_openblas():
 
 load_openblas()
 
-import mlx.core as mx  # noqa: E402  (must come after the BLAS choice above)
-
 
 def default_device_is_gpu():
+    import mlx.core as mx  # here, not above: the CLI's help and argument errors load no MLX
+
     return mx.default_device() == mx.gpu

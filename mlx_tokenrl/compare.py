@@ -18,8 +18,8 @@ import numpy as np
 
 from .checkpoint import atomic_write_bytes, latest_checkpoint
 from .compare_plot import ArmCurves, BaseReference, save_figure
-from .config import (ALGOS, HOW_NOT_WHAT, ConfigError, TrainConfig, at_least, coerce,
-                     config_from_dict, read_json_object)
+from .config import (ALGOS, HOW_NOT_WHAT, ConfigError, TrainConfig, at_least, changed_settings,
+                     coerce, config_from_dict, read_json_object)
 from .evaluate import evaluate, sign_test_p, write_eval
 from .models import check_lora_fits, load_model
 from .tasks import task_from_config
@@ -183,11 +183,10 @@ def check_same_settings(what: str, before: dict, now: dict):
     """--resume continues a compare only with the settings it started with: an arm trained
     half with one --lr and half with another, or scored beside arms of other settings, is no
     comparison. `before`, `now`: settings by name."""
-    changed = [name for name in now if name not in HOW_NOT_WHAT and before[name] != now[name]]
-    if changed:
-        diffs = ", ".join(f"--{n.replace('_', '-')} {before[n]!r} -> {now[n]!r}" for n in changed)
-        raise ConfigError(f"--resume: {what} was run with other settings ({diffs}); use its "
-                          f"settings again or choose another --out")
+    changes = changed_settings(before, now, [name for name in now if name not in HOW_NOT_WHAT])
+    if changes:
+        raise ConfigError(f"--resume: {what} was run with other settings ({'; '.join(changes)}); "
+                          f"use its settings again or choose another --out")
 
 
 def check_same_arm(name: str, arm_cfg: TrainConfig):

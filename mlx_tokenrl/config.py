@@ -8,11 +8,12 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .dtypes import DTYPES
+from .messages import InputError
 
 DEFAULT_MODEL = "Qwen/Qwen2-1.5B-Instruct"
 ALGOS = ("grpo", "s-grpo", "t-spmo")
-DTYPE_CHOICES = ("auto", *DTYPES)
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # dtypes.DTYPES: their MLX dtypes
+DTYPE_CHOICES = ("auto", *FLOAT_DTYPES)
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports
 
 # Settings whose default depends on the task: GENERAL_DEFAULTS unless TASK_DEFAULTS names the
@@ -44,7 +45,7 @@ def stated_default(name: str) -> str:
     return "; ".join([str(GENERAL_DEFAULTS[name]), *tasks])
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A setting the user gave is invalid (a flag, a config file value, an arm's setting):
     the CLI reports it as one line. A ValueError, so callers that catch those still do."""
 
@@ -267,9 +268,17 @@ def output_dir(name: str, path):
             f"{flag(name)} {path} is an existing file, not a directory")
 
 
+def existing_dir(name: str, path):
+    """An input directory must exist: say so, rather than which file is missing in it."""
+    require(Path(path).is_dir(), f"{flag(name)} {path}: the directory does not exist" if not
+            Path(path).exists() else f"{flag(name)} {path} is a file, not a directory")
+
+
 def trackers_installed(names):
     """Each --report-to name is one of mlx-lm's trackers and its package imports. mlx-lm's
     callbacks check the package only when the run starts, after the model has loaded."""
+    if not names:  # mlx-lm takes seconds to import: not for a run that tracks nothing
+        return
     from mlx_lm.tuner import callbacks  # imports the trackers that are installed
 
     for name in names:
@@ -296,6 +305,16 @@ def read_json_object(path, what: str) -> dict:
 # share a machine).
 HOW_NOT_WHAT = {"out", "max_memory", "microbatch_rows", "grad_checkpoint", "compile",
                 "save_every", "report_to", "project_name", "samples_every", "samples_count"}
+
+
+def changed_settings(run: dict, given: dict, names) -> list[str]:
+    """'--lr: run 1e-05, given 0.001' for each of `names` whose given value is not the
+    run's: what a resume refuses."""
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return [f"{'TASK' if name == 'task' else flag(name)}: run {shown(run[name])}, given "
+            f"{shown(given[name])}" for name in names if run[name] != given[name]]
 
 
 def config_from_dict(values: dict) -> TrainConfig:

@@ -4,8 +4,9 @@ dtype, and names for any MLX dtype (for manifests sent between ranks)."""
 import mlx.core as mx
 
 from .backend import default_device_is_gpu
+from .config import FLOAT_DTYPES
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {name: getattr(mx, name) for name in FLOAT_DTYPES}
 
 
 def dtype_name(dtype: mx.Dtype) -> str:

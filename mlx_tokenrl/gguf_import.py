@@ -39,6 +39,7 @@ import mlx.core as mx
 import numpy as np
 
 from .dtypes import DTYPES
+from .messages import InputError
 
 __all__ = ["GGUFError", "convert_gguf", "cached_conversion", "default_cache_dir"]
 
@@ -100,7 +101,7 @@ _TOKEN_USER_DEFINED = 4
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 
 
-class GGUFError(ValueError):
+class GGUFError(InputError, ValueError):
     """The GGUF file uses something this converter does not support."""
 
 

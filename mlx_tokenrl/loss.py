@@ -29,7 +29,8 @@ import numpy as np
 
 from mlx_lm.models.cache import BatchKVCache
 
-from .models import ModelLoadError, model_type, warn_once
+from .messages import warn_once
+from .models import ModelLoadError, model_type
 from .rollout import batch_cache
 from .rounding import judge, logprobs, own_rounding
 

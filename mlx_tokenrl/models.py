@@ -1,6 +1,5 @@
 """Load models through mlx-lm, cast them to the compute dtype, and attach LoRA."""
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -15,10 +14,11 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from .dtypes import checkpoint_dtype, resolve_dtype
 from . import backend
 from .hub import cached_model_path, unreachable_reason
-from .config import DEFAULT_MODEL, ConfigError, read_json_object
+from .config import DEFAULT_MODEL, ConfigError, existing_dir, read_json_object
+from .messages import InputError, first_line, warn_once
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(InputError):
     """One-line, user-facing reason a model or adapter could not be loaded."""
 
 
@@ -27,21 +27,10 @@ def model_type(net) -> str:
     return getattr(net, "model_type", None) or type(net).__module__.rsplit(".", 1)[-1]
 
 
-def first_line(exc: BaseException) -> str:
-    """A one-line reason from an exception whose message may span lines (or be empty)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 # Measured per decode step of a 0.5B model at 32 rows on MLX's CPU backend: float32 0.37 s,
 # bfloat16 6.1 s, float16 8.6 s, 8- and 4-bit quantized 13.8-13.9 s. MLX has fast CPU
 # kernels for float32 matmuls only.
 CPU_SLOWDOWN = {"bfloat16": 16, "float16": 23, "quantized": 37}
-
-
-@functools.cache
-def warn_once(message: str):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def warn_if_slow_on_cpu(dtype: str, quantize_bits: int | None):
@@ -58,7 +47,11 @@ def warn_if_slow_on_cpu(dtype: str, quantize_bits: int | None):
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).exists()
+    """A local path, not a hub id ("org/name"): it exists, is written as a path (./, /, ~,
+    .gguf, more than one /), or points into a local folder (models/typo, models/ existing)."""
+    path = Path(name).expanduser()
+    return (name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+            or path.exists() or (path.parent != Path(".") and path.parent.is_dir()))
 
 
 def resolve_model_path(model: str) -> str:
@@ -71,6 +64,8 @@ def resolve_model_path(model: str) -> str:
         return str(cached_conversion(Path(model).expanduser()))
     if _looks_like_path(model):
         path = Path(model).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"model {model!r}: the path does not exist")
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"model {model!r}: no such mlx-lm model directory (expected {path / 'config.json'})")
@@ -119,6 +114,8 @@ def adapter_model(model: str | None, adapter_path) -> str:
     """`model` if given, else the model the adapter was trained on as its adapter_config.json
     names it (ours: base_model; mlx-lm's lora: model), else the default. Said on stderr when
     it comes from the adapter, since a relative path there is read from the current directory."""
+    if adapter_path is not None:  # a wrong adapter path fails before any model is chosen
+        check_adapter_files(adapter_path)
     if model is not None:
         return model
     config = Path(adapter_path) / "adapter_config.json" if adapter_path is not None else None
@@ -134,6 +131,7 @@ def adapter_model(model: str | None, adapter_path) -> str:
 
 
 def check_adapter_files(adapter_path):
+    existing_dir("adapter_path", adapter_path)
     for name in ("adapter_config.json", "adapters.safetensors"):
         if not (Path(adapter_path) / name).is_file():
             raise ModelLoadError(f"adapter {adapter_path}: missing {name}")

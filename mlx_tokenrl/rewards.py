@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .models import first_line
+from .messages import first_line
 
 MARKER = "####"
 BOX = "\\boxed{"  # Qwen-family and most math-tuned models end with \boxed{N}

@@ -21,7 +21,8 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from .cpu_kernels import cpu_kernels
-from .models import ModelLoadError, first_line, model_type, warn_once
+from .messages import first_line, warn_once
+from .models import ModelLoadError, model_type
 from .rounding import judge, logprobs, own_rounding
 from .sampling import advance_keys, row_keys, sample_tokens
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import read_json_object
+from .config import existing_dir, read_json_object
 from .hub import unreachable_reason
-from .models import first_line
+from .messages import InputError, first_line
 from .rewards import (MARKER, RewardFunctionError, exact_match_reward, load_reward_fns,
                       numeric_reward, parse_number)
 
@@ -46,7 +46,7 @@ Reward = Callable[[str, str], float]
 Record = tuple[str, dict]  # (where it came from, for error messages; the record)
 
 
-class TaskError(ValueError):
+class TaskError(InputError, ValueError):
     """Bad task name or bad task data; the message names the file, line/record and problem."""
 
 
@@ -380,8 +380,20 @@ LOADERS: dict[str, Callable[..., Task]] = {
     "gsm8k": _load_gsm8k,
     "multiply": _load_multiply,
     "custom": _load_custom,
-    "jsonl": _load_custom,  # the older name of custom
 }
+OLD_NAMES = {"jsonl": "custom"}  # still accepted, no longer listed
+
+
+def task_loader(name: str) -> Callable[..., Task] | None:
+    key = name.strip().lower()
+    return LOADERS.get(OLD_NAMES.get(key, key))
+
+
+def check_task_name(name: str):
+    if task_loader(name) is None:
+        raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(LOADERS)}")
+
+
 CUSTOM_ONLY = ("hf_dataset", "hf_config", "question_field", "answer_field", "train_split", "test_split")
 SPLIT_DEFAULTS = {"train_split": "train", "test_split": "test"}
 
@@ -402,10 +414,9 @@ def load_task(name: str, data: str | None = None, digits: str = "3x3", seed: int
     custom: a hub dataset (instead of `data`), the fields holding question and answer, the
     names of the train and test splits.
     """
+    check_task_name(name)
     key = name.strip().lower()
-    loader = LOADERS.get(key)
-    if loader is None:
-        raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(LOADERS)}")
+    loader = task_loader(key)
     custom = dict(hf_dataset=hf_dataset, hf_config=hf_config, question_field=question_field,
                   answer_field=answer_field, train_split=train_split, test_split=test_split)
     # Given to another task they would be ignored silently.
@@ -456,6 +467,8 @@ class PromptSettings:
 def saved_run(adapter: str | Path | None) -> dict | None:
     """The config.json of the training run whose directory holds `adapter`; None for no
     adapter or one made elsewhere (mlx-lm's lora writes no config.json)."""
+    if adapter is not None:  # before any data loads, so that a typo fails at once
+        existing_dir("adapter_path", adapter)
     saved = Path(adapter) / "config.json" if adapter is not None else None
     if saved is None or not saved.is_file():
         return None
@@ -488,8 +501,8 @@ def adapter_task_settings(run: dict | None, task: str, given: dict) -> dict:
     run's data and, for multiply, draws the test problems of the run's seed (another seed's
     test set overlaps the run's training problems). Settings neither given nor saved are left
     to load_task."""
-    loader = LOADERS.get(task.strip().lower())
-    if run is None or loader is None or LOADERS.get(str(run.get("task", "")).lower()) is not loader:
+    loader = task_loader(task)
+    if run is None or loader is None or task_loader(str(run.get("task", ""))) is not loader:
         return {k: v for k, v in given.items() if v is not None}
     new_source = given.get("data") is not None or given.get("hf_dataset") is not None
     taken = {k: run.get(k) for k, v in given.items()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from mlx_lm.tuner import callbacks
 
 from .config import ConfigError
-from .models import first_line
+from .messages import first_line
 
 # The module each of mlx-lm's callbacks logs through (mlx_lm.tuner.callbacks imported it,
 # or holds None when it is not installed).

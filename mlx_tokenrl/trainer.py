@@ -31,8 +31,9 @@ from .loss import (LossRow, attach_ref_logprobs, check_selected_logprobs, checkp
                    make_loss_and_grad, make_microbatches, normalisation_weights)
 from .config import ConfigError, TrainConfig, config_from_dict
 from .models import (add_lora, check_adapter_files, init_from_adapter, load_model, lora_config,
-                     save_adapter_config, warn_once)
+                     save_adapter_config)
 from .memory import budget_bytes, check_run_fits, planned_rows
+from .messages import warn_once
 from .replay import replay_step
 from .rewards import weighted, with_format_bonus
 from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout

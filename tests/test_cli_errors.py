@@ -19,6 +19,8 @@ INPUTS = {
     "not_a_model.gguf": "this is text, not a GGUF file\n",
     "taken": "an existing file, not a directory\n",
     "nan_answer.json": '[{"Body": "Tom has 3 apples.", "Question": "How many?", "Answer": NaN}]',
+    "empty_adapter/notes.txt": "an adapter directory without adapter_config.json\n",
+    "models/README": "a local models folder (the quick start converts into models/)\n",
 }
 
 # A run that is tiny when a check it expects is missing (the case's own flags come later and
@@ -97,7 +99,8 @@ CASES = [
     (TRAIN + ["--eval-limit", "0"], "--eval-limit must be at least 1"),
     (TRAIN + ["--save-every", "0"], "--save-every must be at least 1"),
     (TRAIN + ["--reward-fn", "nowhere.py:score"], "cannot import reward function"),
-    (["train", "gsm9k", "--model", "MODEL", "--out", "out"], "unknown task 'gsm9k'"),
+    (["train", "gsm9k", "--model", "MODEL", "--out", "out"],  # (jsonl, custom's old name, unlisted)
+     "unknown task 'gsm9k'; known tasks: svamp, gsm8k, multiply, custom"),
     (["train", "--resume", "out"], "--resume out: no config.json there"),
     # a malformed command line: click's errors, as one line too
     (TRAIN + ["--steps", "abc"], "Invalid value for '--steps'"),
@@ -116,15 +119,20 @@ CASES = [
     (EVAL + ["--seed", "-1"], "--seed must be at least 0"),
     (EVAL + ["--dtype", "half"], "--dtype must be one of auto, float32, float16, bfloat16"),
     (EVAL + ["--split", "dev"], "unknown split 'dev'"),
-    (EVAL + ["--adapter", "no-adapter"], "adapter no-adapter: missing adapter_config.json"),
+    (EVAL + ["--adapter", "no-adapter"], "--adapter-path no-adapter: the directory does not exist"),
     (EVAL[:-1] + ["taken"], "--out taken is an existing file"),
     # generate, chat
-    (GENERATE + ["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    # both spellings on every command that takes it (mlx-lm's generate says --max-tokens)
+    (GENERATE + ["--max-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (GENERATE + ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (TRAIN + ["--max-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (EVAL + ["--max-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (COMPARE + ["--max-tokens", "0"], "--max-new-tokens must be at least 1"),
     (GENERATE + ["--seed", "-1"], "--seed must be at least 0"),
     (GENERATE + ["--top-p", "0"], "--top-p must be greater than 0"),
     (GENERATE + ["--raw", "--system", "be brief"], "--system-prompt does not apply with --raw"),
     (GENERATE + ["--raw", "--instruction", "be brief"], "--instruction does not apply with --raw"),
-    (GENERATE + ["--adapter-path", "no-adapter"], "adapter no-adapter: missing adapter_config.json"),
+    (GENERATE + ["--adapter-path", "no-adapter"], "--adapter-path no-adapter: the directory does not exist"),
     # bad data: one line naming the file and record, never a traceback from the reward
     (["train", "svamp", "--data", "nan_answer.json", *TINY_RUN, "--model", "MODEL", "--out", "out"],
      "nan_answer.json, record 0 (0-based): field 'Answer' holds nan, not a finite number"),
@@ -137,13 +145,13 @@ CASES = [
     (TRAIN + ["--warmup-steps", str(10 ** 20)], "--warmup-steps must be at most 2147483647"),
     (TRAIN + ["--max-memory", "1e300"], "--max-memory must be at most 1000000"),
     (EVAL + ["--max-new-tokens", str(10 ** 20)], "--max-new-tokens must be at most 2147483647"),
-    (GENERATE + ["--max-tokens", str(10 ** 20)], "--max-tokens must be at most 2147483647"),
+    (GENERATE + ["--max-tokens", str(10 ** 20)], "--max-new-tokens must be at most 2147483647"),
     (TRAIN + ["--reward-weights", "1,0.5"], "--reward-weights needs --reward-fn"),
     (TRAIN + ["--reward-fn", "m.py:a", "--reward-fn", "m.py:b", "--reward-weights", "1"],
      "--reward-weights has 1 weight(s) for 2 --reward-fn function(s)"),
     (TRAIN + ["--reward-weights", "1,x"], "--reward-weights: expected a finite number, not 'x'"),
     (TRAIN + ["--question-field", "q"], "--question-field: only task custom reads it, not 'multiply'"),
-    (TRAIN + ["--adapter-path", "no-adapter"], "adapter no-adapter: missing adapter_config.json"),
+    (TRAIN + ["--adapter-path", "no-adapter"], "--adapter-path no-adapter: the directory does not exist"),
     (["train", "custom", "--model", "MODEL", "--out", "out"], "task 'custom' needs data"),
     (["train", "custom", "--data", "taken", "--hf-dataset", "a/b", "--model", "MODEL", "--out", "out"],
      "pass --data or --hf-dataset, not both"),
@@ -151,12 +159,23 @@ CASES = [
     (CHAT + ["--top-p", "0"], "--top-p must be greater than 0"),
     (CHAT + ["--top-p", "1.01"], "--top-p must be at most 1"),
     (CHAT + ["--temperature", "-0.5"], "--temperature must be at least 0"),
-    (CHAT + ["--max-tokens", "0"], "--max-tokens must be at least 1"),
-    (CHAT + ["--adapter", "no-adapter"], "adapter no-adapter: missing adapter_config.json"),
+    (CHAT + ["--max-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (CHAT + ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (CHAT + ["--adapter", "no-adapter"], "--adapter-path no-adapter: the directory does not exist"),
     # fuse, convert-gguf
     (FUSE + ["--out", "taken"], "--out taken is an existing file"),
     (["fuse", "--model", "MODEL", "--adapter", "no-adapter", "--out", "out"],
-     "adapter no-adapter: missing adapter_config.json"),
+     "--adapter-path no-adapter: the directory does not exist"),
+    (["fuse", "--model", "MODEL", "--adapter", "empty_adapter", "--out", "out"],
+     "adapter empty_adapter: missing adapter_config.json"),
+    (EVAL + ["--adapter", "taken"], "--adapter-path taken is a file, not a directory"),
+    (["eval", "custom", "--data", "nowhere.jsonl", "--model", "MODEL", "--adapter", "no-adapter"],
+     "--adapter-path no-adapter: the directory does not exist"),  # before any data is read
+    # a mistyped local model path is a missing path, not a hub failure (the hub is offline)
+    (TRAIN[:-4] + ["--model", "models/does-not-exist", "--out", "out"],
+     "model 'models/does-not-exist': the path does not exist"),
+    (EVAL[:-4] + ["--model", "./nope", "--out", "out"], "model './nope': the path does not exist"),
+    (GENERATE[:3] + ["--model", "some/where/else"], "model 'some/where/else': the path does not exist"),
     (CONVERT + ["--dtype", "int4"], "--dtype must be one of float32, float16, bfloat16"),
     (["convert-gguf", "missing.gguf", "--out", "out"], "GGUF file not found: missing.gguf"),
     (CONVERT[:-1] + ["taken"], "--out taken is an existing file"),
@@ -200,6 +219,7 @@ def test_bad_input_is_one_line_and_writes_nothing(args, message, model_needed, t
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name, text in INPUTS.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
     before = snapshot(tmp_path)
     args = [{"MODEL": str(tiny_model_dir), "ADAPTER": str(adapter_dir)}.get(a, a) for a in args]

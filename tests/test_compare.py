@@ -62,6 +62,7 @@ def test_compare_writes_table_json_plot_and_resumes(tiny_model_dir, tmp_path):
     for what in ("this compare", "arm grpo"):  # the compare's own record, then each arm's
         result = CliRunner().invoke(app, args + ["--lr", "3e-5", "--resume"])
         assert result.exit_code == 1 and f"{what} was run with other settings" in result.stderr
+        assert re.search(r"\(--lr: run [0-9.e-]+, given 3e-05\)", result.stderr), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         (out / "compare_config.json").unlink(missing_ok=True)
     assert stamps == {a: (out / a / "final_eval.json").stat().st_mtime_ns for a in stamps}
@@ -341,11 +342,11 @@ def test_resume_keeps_the_final_eval_limit_the_compare_started_with(tmp_path):
     assert CliRunner().invoke(app, args + ["--final-eval-limit", "5"]).exit_code == 0
     saved = tmp_path / "compare_config.json"
     before = (saved.read_bytes(), saved.stat().st_mtime_ns)
-    for limit, change in ((["--final-eval-limit", "4"], "5 -> 4"), ([], "5 -> 3")):
+    for limit, change in ((["--final-eval-limit", "4"], "run 5, given 4"), ([], "run 5, given 3")):
         result = CliRunner().invoke(app, args + limit)
         assert result.exit_code == 1
         assert result.stderr.strip() == (
-            f"error: --resume: this compare was run with other settings (--final-eval-limit "
+            f"error: --resume: this compare was run with other settings (--final-eval-limit: "
             f"{change}); use its settings again or choose another --out")
     assert (saved.read_bytes(), saved.stat().st_mtime_ns) == before
     older = json.loads(saved.read_text())

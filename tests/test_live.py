@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 from typer.testing import CliRunner
 
+from mlx_tokenrl import compare as compare_lib, trainer
 from mlx_tokenrl.compare import Comparison
 from mlx_tokenrl.config import TrainConfig
 from tokenrl_cli import common
@@ -100,7 +101,7 @@ def test_train_shows_what_the_step_is_doing(monkeypatch, tmp_path):
         on_step({**STEP, "step": 1})
         seen.append((task.completed, task.fields["phase"], task.fields["numbers"][0].plain))
 
-    monkeypatch.setattr(train_cli, "run_training", fake_training)
+    monkeypatch.setattr(trainer, "train", fake_training)  # (the command imports it when it runs)
     result = CliRunner().invoke(app, ["train", "multiply", "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert seen == ["rollout", "replay", "loss", "eval 32/100", (1, "", "reward 0.125")]
@@ -130,7 +131,7 @@ def test_compare_shows_each_arm_and_its_evaluations(monkeypatch, tmp_path):
                "delta_vs_base": None, "steps": 0}
         return Comparison([row], [], plot=None)
 
-    monkeypatch.setattr(compare_cli, "run_compare", fake_compare)
+    monkeypatch.setattr(compare_lib, "run_compare", fake_compare)
     result = CliRunner().invoke(app, ["compare", "multiply", "--algos", "grpo",
                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -160,8 +161,8 @@ def default_for(text: str | None, task: str) -> str | None:
 
 
 @pytest.mark.parametrize("task", ["multiply", "svamp"])
-@pytest.mark.parametrize("command, module, runner", [("train", train_cli, "run_training"),
-                                                     ("compare", compare_cli, "run_compare")])
+@pytest.mark.parametrize("command, module, runner", [("train", trainer, "train"),
+                                                     ("compare", compare_lib, "run_compare")])
 def test_help_states_the_defaults_the_command_runs_with(command, module, runner, task,
                                                         monkeypatch, tmp_path):
     ran = []
@@ -183,7 +184,7 @@ def test_help_states_the_defaults_the_command_runs_with(command, module, runner,
 def test_compare_default_out_yields_to_the_config_file(monkeypatch, tmp_path):
     (tmp_path / "run.yaml").write_text("task: multiply\nout: from-the-file\n")
     ran = []
-    monkeypatch.setattr(compare_cli, "run_compare",
+    monkeypatch.setattr(compare_lib, "run_compare",
                         lambda cfg, *a, **kw: ran.append(cfg) or Comparison([], [], None))
     monkeypatch.setattr(compare_cli, "print_tables", lambda rows, pairs: None)
     result = CliRunner().invoke(app, ["compare", "--config", str(tmp_path / "run.yaml")])

@@ -107,7 +107,7 @@ def cli_train(*args):
 
 def test_training_on_one_file_for_both_splits_warns_and_eval_of_a_file_does_not(
         tiny_model_dir, dense_task, tmp_path):
-    from mlx_tokenrl.models import warn_once
+    from mlx_tokenrl.messages import warn_once
 
     warn_once.cache_clear()  # once per process: earlier tests trained on this file too
     data = ["custom", "--data", dense_task["data"], "--reward-fn", dense_task["reward_fn"],
@@ -138,6 +138,20 @@ def test_ctrl_c_in_the_first_step_does_not_promise_a_checkpoint(tiny_model_dir, 
     assert "saved" not in result.output and "--resume" not in result.output
 
 
+def ctrl_c_in_step(monkeypatch, step: int):
+    """Ctrl-C in the 1-based `step` (run_step is given the 0-based index last); returns the
+    real run_step, to put back."""
+    real = trainer.run_step
+
+    def interrupted(*args, **kwargs):
+        if args[-1] == step - 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_step", interrupted)
+    return real
+
+
 def test_resume_keeps_an_extended_step_count(tiny_model_dir, dense_task, tmp_path, monkeypatch):
     """Extend a finished run with --steps, Ctrl-C, then the printed resume command (no
     --steps) trains up to the extended count (it used to show 4/3 and train nothing)."""
@@ -146,14 +160,7 @@ def test_resume_keeps_an_extended_step_count(tiny_model_dir, dense_task, tmp_pat
     result = cli_train(*task, "--model", tiny_model_dir, "--steps", 3, "--prompts-per-step", 2,
                        "--group-size", 4, "--max-new-tokens", 8, "--save-every", 1, "--out", out)
     assert result.exit_code == 0, result.output
-    real = trainer.run_step
-
-    def ctrl_c_in_step_5(*args, **kwargs):
-        if args[-1] == 4:  # the 0-based step index
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "run_step", ctrl_c_in_step_5)
+    real = ctrl_c_in_step(monkeypatch, 5)
     result = cli_train("--resume", out, "--steps", 6)
     assert result.exit_code == 130 and f"tokenrl-mlx train --resume {out}" in result.output
     assert "checkpoint of step 4 saved" in result.output
@@ -174,12 +181,50 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_model_dir, dense_task, tm
     assert result.exit_code == 0, result.output
     assert f"{out}: already at step 2 of 2" in result.stdout
     for args, message in [(["--steps", 1], "--steps 1: the run in"),
-                          (["--lr", "1e-3", "--max-memory", 4], "(drop --lr)"),
+                          (["--lr", "1e-3", "--max-memory", 4], "(--lr: run 0.003, given 0.001)"),
                           (["--steps", 0], "--steps must be at least 1")]:
         result = cli_train("--resume", out, *args)
         assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
         assert message in result.stderr
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == files
+
+
+def snapshot(run_dir):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_the_same_command_plus_resume_continues_the_run(tiny_model_dir, dense_task, tmp_path,
+                                                        monkeypatch):
+    """As TRL and mlx-lm users do: the command that started the run, plus --resume. Settings
+    given again with the run's values (flags and --config file alike) are accepted; a change
+    to what is learned is refused naming each setting with both values; how steps run
+    (--max-memory) may change."""
+    out = tmp_path / "run"
+    (tmp_path / "run.yaml").write_text("prompts_per_step: 2\ngroup-size: 4\nlr: 1e-5\n")
+    (tmp_path / "changed.yaml").write_text("prompts_per_step: 2\ngroup-size: 4\nlr: 1e-3\n")
+    command = [dense_task["task"], "--data", dense_task["data"], "--reward-fn",
+               dense_task["reward_fn"], "--model", tiny_model_dir, "--algo", "grpo", "--steps", 3,
+               "--lora-keys", "self_attn.q_proj,self_attn.v_proj", "--max-new-tokens", 8,
+               "--save-every", 1, "--config", tmp_path / "run.yaml", "--out", out]
+    real = ctrl_c_in_step(monkeypatch, 2)
+    assert cli_train(*command).exit_code == 130
+    monkeypatch.setattr(trainer, "run_step", real)
+    before = snapshot(out)
+    for change, message in [
+            (["--lr", "1e-3"], "(--lr: run 1e-05, given 0.001)"),
+            (["--config", tmp_path / "changed.yaml"], "(--lr: run 1e-05, given 0.001)"),
+            (["--algo", "t-spmo", "--lora-keys", "self_attn.q_proj"],
+             "(--algo: run grpo, given t-spmo; --lora-keys: run self_attn.q_proj,self_attn.v_proj, "
+             "given self_attn.q_proj)"),
+            (["--out", tmp_path / "elsewhere"], f"(--out: run {out}, given {tmp_path / 'elsewhere'})")]:
+        result = cli_train(*command, *change, "--resume", out)
+        assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.output
+        assert message in result.stderr
+    assert snapshot(out) == before
+    result = cli_train(*command, "--max-memory", 4, "--resume", out / ".." / "run")  # (its --out)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["max_memory"] == 4
 
 
 def test_resume_may_change_how_steps_run(tiny_model_dir, dense_task, tmp_path):
@@ -247,6 +292,9 @@ def test_cli_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path, monkeypatch
     assert "local mlx-lm directory" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["train", "multiply", "--model", str(tmp_path / "nope"),
                                  "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "the path does not exist" in result.output
+    result = runner.invoke(app, ["train", "multiply", "--model", str(tmp_path),
+                                 "--out", str(tmp_path / "r")])  # a directory, not a model's
     assert result.exit_code == 1 and "no such mlx-lm model directory" in result.output
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["train", "multiply", "--algo", "ppo", "--model", str(tiny_model_dir),
