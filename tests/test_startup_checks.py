@@ -14,7 +14,7 @@ import pytest
 from mlx_lm.models.cache import BatchKVCache
 
 from mlx_tokenrl import loss as loss_module
-from mlx_tokenrl import models, rounding
+from mlx_tokenrl import messages, rounding
 from mlx_tokenrl.loss import check_selected_logprobs
 from mlx_tokenrl.models import ModelLoadError
 from mlx_tokenrl.rollout import check_batched_rollouts
@@ -27,9 +27,9 @@ FAMILIES = {"llama": {}, "qwen2": {}, "cohere": {"logit_scale": 0.25},
 
 @pytest.fixture(autouse=True)
 def fresh_warnings():
-    models.warn_once.cache_clear()
+    messages.warn_once.cache_clear()
     yield
-    models.warn_once.cache_clear()
+    messages.warn_once.cache_clear()
 
 
 def tiny(model_type, dtype=mx.float32):
