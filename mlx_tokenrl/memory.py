@@ -1,15 +1,20 @@
-"""`--max-memory`: the loss's microbatch rows (and gradient checkpointing) chosen from its
-measured peak memory, so that loss+grad stays under a budget.
+"""`--max-memory`: the loss's microbatch rows (and gradient checkpointing) chosen so that
+loss+grad stays under a budget, from its peak memory measured on small probes; and the
+process's peak memory, as a run reports it.
 
 A probe is a loss+grad call on a made-up microbatch of the worst kind a step can hold at
 given lengths: every row its own context (nothing shared) and every completion position
-selected. Its peak (`mx.get_peak_memory`, the figure metrics.jsonl logs as
-loss_peak_memory_gb: weights included) bounds any real microbatch with as many rows, no
-longer contexts and no longer crops (the probe's one pass of contexts and one of rows is
-the widest way to run them). Rows are a power of two, picked as the most whose probe fits.
+selected. Its peak (`mx.get_peak_memory`: weights included) bounds any real microbatch with
+as many rows, no longer contexts and no longer crops (the probe's one pass of contexts and
+one of rows is the widest way to run them). A probe's memory is a line in its rows: each
+row adds its own activations, attention and selected logits. So a shape is probed at one
+and two rows only, and a step takes the most rows that line puts under the budget: a power
+of two (the loss pads its selections to a power of two, and rows x a row's padded
+selections is then exactly what they pad to), and never more rows than the step has.
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -23,6 +28,42 @@ LENGTH_BUCKET = 64  # probed lengths are rounded up to this, so few lengths are 
 MAX_ROWS = 32  # past this, bigger microbatches buy little and compile more shapes
 HEADROOM = 1.5  # a step needing a new plan has it probed at this much longer rows
 
+
+# ---- what the process took ------------------------------------------------------------
+# MLX has one peak counter; a window of the run (a rollout, a loss, a probe) is measured by
+# resetting it, so each reset first keeps what it held here: the process's peak so far.
+_peak_before_last_reset = 0
+
+
+def reset_peak() -> None:
+    """Start a new window of MLX's peak counter, the last one's kept in `mlx_peak_bytes`."""
+    global _peak_before_last_reset
+    _peak_before_last_reset = max(_peak_before_last_reset, mx.get_peak_memory())
+    mx.reset_peak_memory()
+
+
+def mlx_peak_bytes() -> int:
+    """The most bytes MLX's arrays held at once since the process started (every window:
+    loading, start-up checks, probes, rollouts, losses, evaluations). MLX's own count: on
+    Metal it includes GPU buffers; it leaves out the interpreter, libraries and MLX's cache
+    of freed buffers."""
+    return max(_peak_before_last_reset, mx.get_peak_memory())
+
+
+def resident_peak_bytes(platform: str = sys.platform) -> int | None:
+    """The process's largest resident set so far, as the OS counts it (getrusage's
+    ru_maxrss: kilobytes on Linux, bytes on macOS); everything it held in RAM, MLX's cached
+    buffers and the interpreter included (on Apple silicon, Metal's buffers may not be
+    counted). None where there is no getrusage (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if platform == "darwin" else maxrss * 1024
+
+
+# ---- the budget and the plan ------------------------------------------------------------
 
 def machine_memory_bytes() -> int:
     """What the loss can use at most: Metal's recommended working set, else physical RAM."""
@@ -69,69 +110,77 @@ def probe_batch(shape: RowShape, rows: int):
 
 
 def probe_peak(loss_and_grad, shape: RowShape, rows: int) -> int:
-    """Peak bytes of one loss+grad call on a probe microbatch."""
+    """Peak bytes of one loss+grad call on a probe microbatch (kept in the process's peak:
+    `reset_peak`)."""
     batch = probe_batch(shape, rows)
     mx.eval(batch.contexts, batch.inputs, batch.picks)
     mx.synchronize()
-    mx.reset_peak_memory()
+    reset_peak()
     mx.eval(*loss_and_grad(batch))
     peak = mx.get_peak_memory()
-    mx.reset_peak_memory()  # a step's logged loss peak is its own microbatches'
+    reset_peak()  # a step's logged loss peak is its own microbatches'
     return peak
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """Microbatch rows for rows no longer than a probed shape, and what their probe took."""
-    rows: int
-    peak: int  # the probe's peak bytes (weights and everything else then held included)
-    held: int  # bytes held before the probe: what a later step holds beyond it adds to the peak
+    """The loss's peak at a probed shape as a line in the rows, measured at one and two rows:
+    fixed + per_row x rows, with `held` bytes held when it was measured."""
+    fixed: int
+    per_row: int
+    held: int
+
+    def rows(self, budget: int, held: int) -> int:
+        """The most rows (a power of two, at most MAX_ROWS) whose peak, with `held` bytes held
+        now instead, stays under `budget`; 0 when not even one row does."""
+        room = budget - held + self.held - self.fixed
+        fits = min(MAX_ROWS, room // max(self.per_row, 1)) if room >= self.per_row else 0
+        return 1 << (int(fits).bit_length() - 1) if fits else 0
 
 
 def fitting_plan(loss_and_grad, shape: RowShape, budget: int) -> Plan:
-    """The most rows (a power of two, at most MAX_ROWS) whose probe at `shape` peaks under
-    `budget` bytes; one row even when that does not fit.
+    """The line through the probe peaks of one and two rows at `shape`.
 
-    The first guess divides what is left after the memory held by one row's cost counted
-    with the fixed costs of a call (so it errs low); each guess is measured, and halved
-    while it does not fit."""
+    Two rows are probed only if they fit the budget even when a row costs all that one row
+    added to what was held (which errs high: it counts a call's fixed costs as the row's);
+    otherwise that high line is the plan (it allows one row, if that fits)."""
     held = mx.get_active_memory()
     one = probe_peak(loss_and_grad, shape, 1)
-    guess = min(MAX_ROWS, max(1, (budget - held) // max(one - held, 1)))
-    rows, peak = 1 << (int(guess).bit_length() - 1), one
-    while rows > 1:
-        peak = probe_peak(loss_and_grad, shape, rows)
-        if peak <= budget:
-            break
-        rows //= 2
-        peak = one
-    return Plan(rows, peak, held)
+    if 2 * one - held > budget:
+        return Plan(fixed=held, per_row=one - held, held=held)
+    per_row = max(probe_peak(loss_and_grad, shape, 2) - one, 1)
+    return Plan(fixed=one - per_row, per_row=per_row, held=held)
+
+
+def step_rows(triples) -> int:
+    """Forward rows the step's loss runs at most (make_microbatches may merge some)."""
+    return len({row for row, _, _ in triples})
 
 
 def planned_rows(loss_and_grad, loss_rows, triples, budget: int, max_new_tokens: int) -> int:
     """Microbatch rows for a step, from the plans of this `loss_and_grad` (kept on it, as
-    `memory_plans`, since its compiled graphs are what was measured): the most rows of any
-    plan whose shape covers the step's and whose peak, with what is held now, still fits;
-    probed anew when none does (rows longer than any probed)."""
+    `memory_plans`, since its compiled graphs are what was measured): the most rows any plan
+    whose shape covers the step's puts under the budget with what is held now, and never
+    more than the step has; probed anew when none fits one row (rows longer than any
+    probed)."""
     plans = loss_and_grad.__dict__.setdefault("memory_plans", {})
     shape = step_shape(loss_rows, triples)
     held = mx.get_active_memory()
-    fits = [plan.rows for probed, plan in plans.items()
-            if probed.covers(shape) and plan.peak - plan.held + held <= budget]
-    if not fits:
-        # Probed with headroom, since each probe is a loss+grad of its own (~100 s on the
-        # 0.5B, 3-5x a T-SPMO step's loss) and rows grow over the first steps; a crop never
-        # past --max-new-tokens. When not even one row fits with the headroom, the step's
-        # own lengths are probed instead (that plan would be refused at every later step).
+    fits = [plan.rows(budget, held) for probed, plan in plans.items() if probed.covers(shape)]
+    if not any(fits):
+        # Probed with headroom, since rows grow over the first steps and each probe is a
+        # loss+grad of its own; a crop never past --max-new-tokens. When not even one row
+        # fits with the headroom, the step's own lengths are probed instead (that plan
+        # would be refused at every later step).
         roomy = RowShape(_bucket(int(shape.context * HEADROOM)),
                          min(_bucket(int(shape.crop * HEADROOM)), _bucket(max_new_tokens)))
         own = RowShape(_bucket(shape.context), _bucket(shape.crop))
         for probed in dict.fromkeys((roomy, own)):  # once when the headroom adds no bucket
             plans[probed] = fitting_plan(loss_and_grad, probed, budget)
-            if plans[probed].peak <= budget:
+            fits = [plans[probed].rows(budget, held)]
+            if fits[0]:
                 break
-        fits = [plans[probed].rows]
-    return max(fits)
+    return max(1, min(max(fits), step_rows(triples)))
 
 
 def check_run_fits(model, tokenizer, task, cfg) -> int:

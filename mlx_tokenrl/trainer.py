@@ -32,7 +32,8 @@ from .loss import (LossRow, attach_ref_logprobs, check_selected_logprobs, checkp
 from .config import ConfigError, TrainConfig, config_from_dict
 from .models import (add_lora, check_adapter_files, init_from_adapter, load_model, lora_config,
                      save_adapter_config)
-from .memory import budget_bytes, check_run_fits, planned_rows
+from .memory import (budget_bytes, check_run_fits, mlx_peak_bytes, planned_rows, reset_peak,
+                     resident_peak_bytes)
 from .messages import warn_once
 from .replay import replay_step
 from .rewards import weighted, with_format_bonus
@@ -357,8 +358,9 @@ class RankNumbers:
     rollout_s: float
     loss_s: float
     step_s: float  # up to the metrics exchange, where ranks wait for the slowest
-    rollout_peak: float
     loss_peak: float
+    mlx_peak: float  # the process's, so far (memory.mlx_peak_bytes)
+    resident_peak: float  # the process's, so far (memory.resident_peak_bytes; 0: unknown)
     solved: float
     groups_with_solved_signal: float
     truncated: float  # completions that hit --max-new-tokens (replay's not counted)
@@ -380,15 +382,14 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
     positions = shard(list(range(cfg.prompts_per_step)), rank, size)
     batch = step_prompt_indices(len(task.train), step, cfg.prompts_per_step, cfg.seed)
     indices = [batch[p] for p in positions]
-    mx.reset_peak_memory()
+    reset_peak()
     t0 = time.perf_counter()
     on_phase("rollout")
     loss_rows, triples, stats = rollout_and_select(model, tokenizer, task, cfg, step, task.train,
                                                    indices, positions, world, on_phase,
                                                    on_selected)
     t1 = time.perf_counter()
-    rollout_peak = mx.get_peak_memory()
-    mx.reset_peak_memory()
+    reset_peak()  # the loss's window
     mx.clear_cache()  # see train
     totals = StepTotals(*world.sum(
         [stats["completions"] + stats["replay_groups"] * cfg.group_size,
@@ -406,9 +407,9 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         reward_sum=rewards.sum(), reward_sq_sum=(rewards ** 2).sum(), samples=rewards.size,
         groups=stats["groups"], groups_with_signal=stats["groups_with_signal"],
         generated_tokens=sum(stats["lengths"]), loss=float(loss), rollout_s=t1 - t0,
-        loss_s=t2 - t1 - t_totals, step_s=t2 - t0, rollout_peak=rollout_peak,
-        loss_peak=mx.get_peak_memory(), solved=stats["solved"],
-        groups_with_solved_signal=stats["groups_with_solved_signal"],
+        loss_s=t2 - t1 - t_totals, step_s=t2 - t0, loss_peak=mx.get_peak_memory(),
+        mlx_peak=mlx_peak_bytes(), resident_peak=resident_peak_bytes() or 0,
+        solved=stats["solved"], groups_with_solved_signal=stats["groups_with_solved_signal"],
         truncated=stats["truncated"]),
         f"the metrics exchange of step {step + 1}")
     total = RankNumbers(*(sum(getattr(r, f.name) for r in ranks) for f in fields(RankNumbers)))
@@ -452,11 +453,21 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         "sync_s": (t3 - t2) + t_totals, "allreduce_s": t4 - t3, "update_s": t5 - t4,
         "step_s": step_s,
         "ranks": size, "allreduce_bytes": allreduce_bytes,
-        "peak_memory_gb": max(max(r.rollout_peak for r in ranks), max(r.loss_peak for r in ranks),
-                              mx.get_peak_memory()) / 1e9,
-        "loss_peak_memory_gb": max(r.loss_peak for r in ranks) / 1e9,
+        **peaks_gb(ranks),
         **per_function,
     }
+
+
+def peaks_gb(ranks) -> dict:
+    """Memory, largest over ranks: `peak_memory_gb`, the process's peak so far by MLX's count
+    (probes and start-up checks included); `resident_peak_gb`, by the OS's (where known);
+    `loss_peak_memory_gb`, this step's loss+grad microbatches' (by MLX's count: what
+    --max-memory bounds). See memory.py for how each is measured."""
+    out = {"peak_memory_gb": max(r.mlx_peak for r in ranks) / 1e9}
+    if all(r.resident_peak for r in ranks):
+        out["resident_peak_gb"] = max(r.resident_peak for r in ranks) / 1e9
+    out["loss_peak_memory_gb"] = max(r.loss_peak for r in ranks) / 1e9
+    return out
 
 
 def reward_means(world: World, sums: dict, samples: float, step: int) -> dict:

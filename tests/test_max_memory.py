@@ -114,6 +114,12 @@ def test_explicit_rows_override_the_plan(model_dir, tmp_path, planned, block_cal
     assert planned == [3]
 
 
+def same_rows(count, context, completion):
+    """A step of `count` rows alike (their last token selected): loss rows and triples."""
+    rows = [LossRow([1] * context, [2 + i] * completion) for i in range(count)]
+    return rows, [(i, completion - 1, 1.0) for i in range(count)]
+
+
 def test_rows_are_replanned_only_for_longer_rows(tiny_model_dir, monkeypatch):
     model, _ = load_model(str(tiny_model_dir))
     add_lora(model, lora_config(rank=4))
@@ -125,9 +131,8 @@ def test_rows_are_replanned_only_for_longer_rows(tiny_model_dir, monkeypatch):
                         lambda f, shape, rows: probed.append(shape) or probe(f, shape, rows))
 
     def rows_for(context, completion):
-        rows = [LossRow([1] * context, [2] * completion)]
-        return memory.planned_rows(loss_and_grad, rows, [(0, completion - 1, 1.0)], int(60e6),
-                                   max_new_tokens=256)
+        return memory.planned_rows(loss_and_grad, *same_rows(16, context, completion),
+                                   int(60e6), max_new_tokens=256)
 
     assert rows_for(30, 40) >= 4
     assert set(probed) == {memory.RowShape(64, 64)}  # 1.5x the step's, rounded up to 64
@@ -136,6 +141,54 @@ def test_rows_are_replanned_only_for_longer_rows(tiny_model_dir, monkeypatch):
     assert memory.RowShape(192, 192) in probed
     assert rows_for(150, 140) == long_rows and len(set(probed)) == 2  # the headroom covers it
     assert 1 <= long_rows <= rows_for(30, 40)
+
+
+class LinearCost:
+    """A fake probe_peak: `held` + `fixed` + `per_row` bytes a row; records what it probed."""
+
+    def __init__(self, monkeypatch, held=1000, fixed=50, per_row=100):
+        self.held, self.fixed, self.per_row, self.probes = held, fixed, per_row, []
+        monkeypatch.setattr(memory, "probe_peak", self)
+        monkeypatch.setattr(memory.mx, "get_active_memory", lambda: held)
+
+    def __call__(self, loss_and_grad, shape, rows):
+        self.probes.append(rows)
+        return self.held + self.fixed + self.per_row * rows
+
+
+@pytest.mark.parametrize("room, rows", [(300, 2), (449, 2), (450, 4), (849, 4), (850, 8),
+                                        (10_000, memory.MAX_ROWS)])
+def test_the_plan_is_the_line_through_one_and_two_rows(monkeypatch, room, rows):
+    """Rows from the line fitted on one and two rows (hand-computed: 50 + 100 x rows over
+    what is held), a power of two, without probing more rows."""
+    cost = LinearCost(monkeypatch)
+    step = same_rows(64, 10, 10)
+    assert memory.planned_rows(SimpleNamespace(), *step, cost.held + room,
+                               max_new_tokens=64) == rows
+    assert cost.probes == [1, 2]
+
+
+def test_never_more_rows_than_the_step_has(monkeypatch):
+    """A T-SPMO-like step of three rows, with room for 32: one microbatch of three rows."""
+    cost = LinearCost(monkeypatch)
+    loss_and_grad = SimpleNamespace()
+    assert memory.planned_rows(loss_and_grad, *same_rows(3, 10, 10), 10**9,
+                               max_new_tokens=64) == 3
+    # The plan is kept for longer steps of these lengths; a row selected twice is one row.
+    rows, triples = same_rows(40, 10, 10)
+    assert memory.planned_rows(loss_and_grad, rows, triples, 10**9, max_new_tokens=64) == 32
+    assert memory.planned_rows(loss_and_grad, rows, triples[:5] + [(0, 3, 1.0)], 10**9,
+                               max_new_tokens=64) == 5
+    assert cost.probes == [1, 2]
+
+
+def test_two_rows_are_probed_only_when_they_surely_fit(monkeypatch):
+    """One row took 150 over what was held: two are not probed unless 300 fit (a probe is
+    the process's memory too, and --max-memory bounds it)."""
+    cost = LinearCost(monkeypatch)
+    assert memory.planned_rows(SimpleNamespace(), *same_rows(8, 10, 10), cost.held + 299,
+                               max_new_tokens=64) == 1
+    assert cost.probes == [1]
 
 
 def test_a_plan_is_probed_once_even_when_the_headroom_does_not_fit(monkeypatch):
@@ -166,22 +219,55 @@ def test_a_plan_is_probed_once_even_when_the_headroom_does_not_fit(monkeypatch):
     assert probes == [(memory.RowShape(64, 64), 1)]
 
 
-def test_a_guess_that_does_not_fit_is_halved_until_it_does(monkeypatch):
-    """Peaks that grow faster than the rows (as the loss's power-of-two selection buckets
-    can make them): the first guess from one row's cost overshoots, and is measured, not
-    trusted."""
-    held, per_row = 1000, 100
-    peaks = {}
+def test_reported_peak_includes_the_probes(model_dir, tmp_path, monkeypatch, block_call):
+    """A probe that allocates 64 MB more than the loss: metrics.jsonl's peak_memory_gb (the
+    process's, by MLX's count) holds it, though each step's loss peak (its microbatches')
+    does not."""
+    extra = 64e6
+    make = memory.make_loss_and_grad
 
-    def superlinear(loss_and_grad, shape, rows):
-        peaks[rows] = held + per_row * rows ** 1.5
-        return peaks[rows]
+    def allocating(*args):
+        loss_and_grad = make(*args)
 
-    monkeypatch.setattr(memory, "probe_peak", superlinear)
-    monkeypatch.setattr(memory.mx, "get_active_memory", lambda: held)
-    plan = memory.fitting_plan(None, memory.RowShape(64, 64), budget=held + 2000)
-    assert max(peaks) == 16  # the guess: 2000 / 100 rows, as a power of two
-    assert plan.rows == 4 and plan.peak == peaks[4] <= held + 2000 < peaks[8]
+        def call(batch):
+            mx.eval(mx.zeros(int(extra) // 4))  # freed at once: only a peak counts it
+            return loss_and_grad(batch)
+        return call
+
+    monkeypatch.setattr(memory, "make_loss_and_grad", allocating)  # the start-up probe's
+    memory.reset_peak()
+    held = mx.get_active_memory()
+    out = trainer.train(config(model_dir, tmp_path / "run", steps=1, max_memory=above_held(200)))
+    step = json.loads(open(out / "metrics.jsonl").readline())
+    assert step["loss_peak_memory_gb"] < (held + extra) / 1e9 <= step["peak_memory_gb"]
+    assert step["resident_peak_gb"] >= step["peak_memory_gb"] * 0.5  # the OS's count too
+
+
+def test_a_reset_keeps_the_peak_of_the_process():
+    memory.reset_peak()
+    big = mx.zeros(16_000_000)  # 64 MB
+    mx.eval(big)
+    del big
+    memory.reset_peak()
+    assert mx.get_peak_memory() < 64e6 <= memory.mlx_peak_bytes()
+
+
+@pytest.mark.parametrize("platform, factor", [("linux", 1024), ("darwin", 1)])
+def test_resident_peak_reads_kilobytes_on_linux_and_bytes_on_macos(monkeypatch, platform,
+                                                                   factor):
+    resource = pytest.importorskip("resource")
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=5000))
+    assert memory.resident_peak_bytes(platform) == 5000 * factor
+
+
+def test_resident_peak_holds_what_was_resident():
+    """On this machine's own OS: 200 MB written to are resident, so counted (whatever unit
+    the OS gives ru_maxrss in, read right)."""
+    pytest.importorskip("resource")
+    big = mx.ones(50_000_000)  # 200 MB, every page written
+    mx.eval(big)
+    assert 200e6 <= memory.resident_peak_bytes() < 1000 * memory.machine_memory_bytes()
+    del big
 
 
 def test_default_budget_is_a_share_of_the_machine():
