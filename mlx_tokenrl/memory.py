@@ -8,7 +8,8 @@ selected. Its peak (`mx.get_peak_memory`: weights included) bounds any real micr
 as many rows, no longer contexts and no longer crops (the probe's one pass of contexts and
 one of rows is the widest way to run them). A probe's memory is a line in its rows: each
 row adds its own activations, attention and selected logits. So a shape is probed at one
-and two rows only, and a step takes the most rows that line puts under the budget: a power
+and two rows only, and a step takes the most rows a line fitted on them puts under the
+budget (`fitting_plan`: one that errs high): a power
 of two (the loss pads its selections to a power of two, and rows x a row's padded
 selections is then exactly what they pad to), and never more rows than the step has.
 """
@@ -139,17 +140,22 @@ class Plan:
 
 
 def fitting_plan(loss_and_grad, shape: RowShape, budget: int) -> Plan:
-    """The line through the probe peaks of one and two rows at `shape`.
+    """A line through the probe peak of two rows at `shape`, rising per row by the larger of
+    what the second row added to the first and half of what two rows added to what was held.
+    The second errs high (it counts a call's fixed costs as the rows'), and bounds the first
+    where the two probes' peaks are measured a few percent off (MLX frees buffers as its
+    stream runs, so a peak varies a little from run to run).
 
     Two rows are probed only if they fit the budget even when a row costs all that one row
-    added to what was held (which errs high: it counts a call's fixed costs as the row's);
-    otherwise that high line is the plan (it allows one row, if that fits)."""
+    added to what was held; otherwise that line is the plan (it allows one row, if that
+    fits)."""
     held = mx.get_active_memory()
     one = probe_peak(loss_and_grad, shape, 1)
     if 2 * one - held > budget:
         return Plan(fixed=held, per_row=one - held, held=held)
-    per_row = max(probe_peak(loss_and_grad, shape, 2) - one, 1)
-    return Plan(fixed=one - per_row, per_row=per_row, held=held)
+    two = probe_peak(loss_and_grad, shape, 2)
+    per_row = max(two - one, (two - held) // 2, 1)
+    return Plan(fixed=two - 2 * per_row, per_row=per_row, held=held)
 
 
 def step_rows(triples) -> int:

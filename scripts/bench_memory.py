@@ -89,11 +89,18 @@ def main():
     parser.add_argument("--before", default=PLANNER_BEFORE)
     parser.add_argument("--after", default="HEAD")
     parser.add_argument("--out", default="results/bench-memory")
+    parser.add_argument("--only", nargs="+", help="these runs (CASE-ROWS-CODE) and no others")
+    parser.add_argument("--table", action="store_true",
+                        help="print the table of --out's JSON and write its markdown; run nothing")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.table:
+        results = json.loads((out / "bench_memory.json").read_text())["results"]
+        (out / "bench_memory.md").write_text("\n".join(print_summary(results)) + "\n")
+        return
     args.after, args.before = (subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", commit], check=True, capture_output=True,
         text=True).stdout.strip() for commit in (args.after, args.before))
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cases = [(name, [*task, "--model", model]) for name, task, model in
              (("quickstart", QUICKSTART, args.smollm2), ("svamp-0.5b", SVAMP, args.qwen)) if model]
@@ -106,6 +113,8 @@ def main():
                 for rows, extra in (("planner", []), ("fixed", ["--microbatch-rows", FIXED_ROWS])):
                     for code in ("after", "before"):
                         name = f"{case}-{rows}-{code}"
+                        if args.only and name not in args.only:
+                            continue
                         result = run_one(codes[code], case_args + extra, scratch / name,
                                          out / f"{name}.log")
                         results.append({"case": case, "rows": rows, "code": code, **result})
@@ -115,8 +124,7 @@ def main():
             for commit in (args.after, args.before):
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                 str(scratch / f"tree-{commit}")], capture_output=True)
-    table = print_summary(results)
-    (out / "bench_memory.md").write_text("\n".join(table) + "\n")
+    (out / "bench_memory.md").write_text("\n".join(print_summary(results)) + "\n")
 
 
 def write(out: Path, args, results):

@@ -58,17 +58,17 @@ def block_call(monkeypatch):
     return qwen2.TransformerBlock
 
 
-@pytest.mark.parametrize("budget_mb, rows", [(6, 1), (70, 8)])
+@pytest.mark.parametrize("budget_mb, rows", [(6, {1}), (70, {8, 16})])
 def test_loss_peak_stays_under_the_budget(model_dir, tmp_path, planned, block_call,
                                           budget_mb, rows):
     """On the tiny model 6 MB over what was held before fits one row per microbatch, 70 MB
-    eight (probed at 1.5x the step's lengths, memory.HEADROOM). Each step's logged loss peak
-    is under the budget."""
+    eight or sixteen (probed at 1.5x the step's lengths, memory.HEADROOM; measured peaks
+    vary a little from run to run). Each step's logged loss peak is under the budget."""
     budget = above_held(budget_mb)
     out = trainer.train(config(model_dir, tmp_path / "run", max_memory=budget))
     peaks = [json.loads(line)["loss_peak_memory_gb"] for line in open(out / "metrics.jsonl")]
     assert len(peaks) == 2 and max(peaks) <= budget
-    assert planned == [rows, rows]
+    assert planned[0] == planned[1] and planned[0] in rows
     assert not getattr(block_call.__call__, "checkpointed", False)  # one row fits without
 
 
@@ -146,7 +146,7 @@ def test_rows_are_replanned_only_for_longer_rows(tiny_model_dir, monkeypatch):
 class LinearCost:
     """A fake probe_peak: `held` + `fixed` + `per_row` bytes a row; records what it probed."""
 
-    def __init__(self, monkeypatch, held=1000, fixed=50, per_row=100):
+    def __init__(self, monkeypatch, held=1000, fixed=0, per_row=100):
         self.held, self.fixed, self.per_row, self.probes = held, fixed, per_row, []
         monkeypatch.setattr(memory, "probe_peak", self)
         monkeypatch.setattr(memory.mx, "get_active_memory", lambda: held)
@@ -156,12 +156,15 @@ class LinearCost:
         return self.held + self.fixed + self.per_row * rows
 
 
-@pytest.mark.parametrize("room, rows", [(300, 2), (449, 2), (450, 4), (849, 4), (850, 8),
-                                        (10_000, memory.MAX_ROWS)])
-def test_the_plan_is_the_line_through_one_and_two_rows(monkeypatch, room, rows):
-    """Rows from the line fitted on one and two rows (hand-computed: 50 + 100 x rows over
-    what is held), a power of two, without probing more rows."""
-    cost = LinearCost(monkeypatch)
+@pytest.mark.parametrize("fixed, room, rows", [
+    (0, 200, 2), (0, 399, 2), (0, 400, 4), (0, 799, 4), (0, 800, 8), (0, 10_000, 32),
+    # fixed costs: 150 and 250 for one and two rows, so 125 a row (errs high: 100 is right)
+    (50, 499, 2), (50, 500, 4), (50, 1000, 8)])
+def test_rows_come_from_probes_of_one_and_two_rows(monkeypatch, fixed, room, rows):
+    """Rows from the line fitted on one and two rows (hand-computed: `room` over what is held
+    fits `room / per_row` rows, per_row 100 or 125), a power of two, without probing more
+    rows."""
+    cost = LinearCost(monkeypatch, fixed=fixed)
     step = same_rows(64, 10, 10)
     assert memory.planned_rows(SimpleNamespace(), *step, cost.held + room,
                                max_new_tokens=64) == rows
@@ -185,7 +188,7 @@ def test_never_more_rows_than_the_step_has(monkeypatch):
 def test_two_rows_are_probed_only_when_they_surely_fit(monkeypatch):
     """One row took 150 over what was held: two are not probed unless 300 fit (a probe is
     the process's memory too, and --max-memory bounds it)."""
-    cost = LinearCost(monkeypatch)
+    cost = LinearCost(monkeypatch, fixed=50)
     assert memory.planned_rows(SimpleNamespace(), *same_rows(8, 10, 10), cost.held + 299,
                                max_new_tokens=64) == 1
     assert cost.probes == [1]
