@@ -291,6 +291,8 @@ def step_fields(m: dict) -> list[Text]:
               f"signal {m['signal_fraction']:.0%}",
               f"sel {m['selected_tokens']}", f"{m['generated_tokens'] / m['step_s']:.0f} tok/s",
               f"{m['step_s']:.1f} s/step", f"{m['peak_memory_gb']:.2f} GB"]
+    if "resident_peak_gb" in m:  # the OS's count beside MLX's (trainer.peaks_gb)
+        fields.append(f"rss {m['resident_peak_gb']:.2f} GB")
     if "eval_accuracy" in m:
         fields.insert(1, f"acc {m['eval_accuracy']:.1%}")
     texts = [Text(field) for field in fields]

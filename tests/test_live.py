@@ -23,7 +23,7 @@ from tokenrl_cli.main import app
 
 STEP = {"step": 3, "reward_mean": 0.125, "solve_rate": 0.12, "signal_fraction": 0.5,
         "selected_tokens": 49, "generated_tokens": 6748, "step_s": 281.2, "peak_memory_gb": 2.01,
-        "skipped": False, "eval_accuracy": 0.453}
+        "resident_peak_gb": 2.34, "skipped": False, "eval_accuracy": 0.453}
 
 
 def test_packed_lines_break_only_between_fields():
@@ -52,7 +52,7 @@ def test_live_display_at_80_columns_keeps_names_and_numbers_whole(names):
     lines = rendered(progress)
     assert all(len(line) <= 80 for line in lines)
     wanted = [*names, "final eval 120/300", "reward 0.125", "acc 45.3%", "signal 50%",
-              "281.2 s/step", "24 tok/s", "2.01 GB"]
+              "281.2 s/step", "24 tok/s", "2.01 GB", "rss 2.34 GB"]
     for text in wanted:
         expected = 1 if text in names else len(names)  # a name on its bar, numbers under each
         assert sum(text in line for line in lines) == expected, (text, lines)
@@ -72,7 +72,7 @@ def test_a_log_file_gets_exactly_one_line_per_step(tiny_model_dir, tmp_path):
                        stdout=f, stderr=subprocess.PIPE, env=env, check=True, timeout=300)
     lines = log.read_text().splitlines()
     pattern = (r"step (\d+): reward \d\.\d{3}( \| acc \d+\.\d%)? \| solved \d+% \| signal \d+% "
-               r"\| sel \d+ \| \d+ tok/s \| \d+\.\d s/step \| \d+\.\d\d GB")
+               r"\| sel \d+ \| \d+ tok/s \| \d+\.\d s/step \| \d+\.\d\d GB \| rss \d+\.\d\d GB")
     steps = [re.fullmatch(pattern, line) for line in lines]
     assert [m.group(1) for m in steps if m] == ["1", "2", "3"], lines
     assert steps[1].group(2)  # the evaluated step carries its accuracy (and is > 80 columns)
