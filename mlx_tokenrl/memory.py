@@ -125,11 +125,12 @@ def probe_peak(loss_and_grad, shape: RowShape, rows: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """The loss's peak at a probed shape as a line in the rows, measured at one and two rows:
-    fixed + per_row x rows, with `held` bytes held when it was measured."""
+    """The loss's peak at a probed shape as a line in the rows: fixed + per_row x rows, with
+    `held` bytes held when it was measured."""
     fixed: int
     per_row: int
     held: int
+    two_rows: bool  # measured at one and two rows; else through what was held and one row
 
     def rows(self, budget: int, held: int) -> int:
         """The most rows (a power of two, at most MAX_ROWS) whose peak, with `held` bytes held
@@ -152,10 +153,10 @@ def fitting_plan(loss_and_grad, shape: RowShape, budget: int) -> Plan:
     held = mx.get_active_memory()
     one = probe_peak(loss_and_grad, shape, 1)
     if 2 * one - held > budget:
-        return Plan(fixed=held, per_row=one - held, held=held)
+        return Plan(fixed=held, per_row=one - held, held=held, two_rows=False)
     two = probe_peak(loss_and_grad, shape, 2)
     per_row = max(two - one, (two - held) // 2, 1)
-    return Plan(fixed=two - 2 * per_row, per_row=per_row, held=held)
+    return Plan(fixed=two - 2 * per_row, per_row=per_row, held=held, two_rows=True)
 
 
 def step_rows(triples) -> int:
@@ -163,40 +164,56 @@ def step_rows(triples) -> int:
     return len({row for row, _, _ in triples})
 
 
-def planned_rows(loss_and_grad, loss_rows, triples, budget: int, max_new_tokens: int) -> int:
-    """Microbatch rows for a step, from the plans of this `loss_and_grad` (kept on it, as
-    `memory_plans`, since its compiled graphs are what was measured): the most rows any plan
-    whose shape covers the step's puts under the budget with what is held now, and never
-    more than the step has; probed anew when none fits one row (rows longer than any
-    probed)."""
-    plans = loss_and_grad.__dict__.setdefault("memory_plans", {})
+def plans_of(model) -> dict:
+    """The loss's plans for `model` by probed shape, kept on it (outside its parameters):
+    they hold for any loss function of it, since check_run_fits settles its gradient
+    checkpointing before the first."""
+    return vars(model).setdefault("memory_plans", {})
+
+
+def planned_rows(model, loss_and_grad, loss_rows, triples, budget: int,
+                 max_new_tokens: int) -> int:
+    """Microbatch rows for a step: the most rows any of `model`'s plans whose shape covers
+    the step's puts under the budget with what is held now, and never more than the step
+    has. The start-up plan (check_run_fits) covers every step; when no plan probed at two
+    rows covers the step and the others allow fewer rows than it has (they err high), the
+    step's lengths with headroom are probed (once: a shape is never probed again)."""
+    plans = plans_of(model)
     shape = step_shape(loss_rows, triples)
     held = mx.get_active_memory()
-    fits = [plan.rows(budget, held) for probed, plan in plans.items() if probed.covers(shape)]
-    if not any(fits):
-        # Probed with headroom, since rows grow over the first steps and each probe is a
-        # loss+grad of its own; a crop never past --max-new-tokens. When not even one row
-        # fits with the headroom, the step's own lengths are probed instead (that plan
-        # would be refused at every later step).
-        roomy = RowShape(_bucket(int(shape.context * HEADROOM)),
-                         min(_bucket(int(shape.crop * HEADROOM)), _bucket(max_new_tokens)))
+    need = step_rows(triples)
+    covering = [plan for probed, plan in plans.items() if probed.covers(shape)]
+    fits = [plan.rows(budget, held) for plan in covering]
+    # Probed with headroom, since rows grow over the first steps and each probe is a
+    # loss+grad of its own; a crop never past --max-new-tokens. When not even one row fits
+    # with the headroom, the step's own lengths are probed instead (that plan would be
+    # refused at every later step).
+    roomy = RowShape(_bucket(int(shape.context * HEADROOM)),
+                     min(_bucket(int(shape.crop * HEADROOM)), _bucket(max_new_tokens)))
+    if (max(fits, default=0) < need and roomy not in plans
+            and not any(plan.two_rows for plan in covering)):
         own = RowShape(_bucket(shape.context), _bucket(shape.crop))
         for probed in dict.fromkeys((roomy, own)):  # once when the headroom adds no bucket
             plans[probed] = fitting_plan(loss_and_grad, probed, budget)
-            fits = [plans[probed].rows(budget, held)]
-            if fits[0]:
+            fits.append(plans[probed].rows(budget, held))
+            if fits[-1]:
                 break
-    return max(1, min(max(fits), step_rows(triples)))
+    return max(1, min(max(fits), need))
 
 
 def check_run_fits(model, tokenizer, task, cfg) -> int:
     """Start-up, with the loss planned from --max-memory: one row of the longest a step can
-    hold (the longest training prompt, --max-new-tokens of completion) must fit the budget,
-    without gradient checkpointing if it can, else with it (turned on here). Otherwise one
-    line (ConfigError) before any training. Returns the budget in bytes."""
+    hold (the longest training prompt, or with T-SPMO's replay that prompt and a completion
+    prefix; --max-new-tokens of completion) must fit the budget, without gradient
+    checkpointing if it can, else with it (turned on here). Otherwise one line (ConfigError)
+    before any training. Its probe is kept as the model's first plan, a line through what
+    was held and that one row (erring high, it covers every step without a probe of its
+    own). Returns the budget in bytes."""
     budget = budget_bytes(cfg.max_memory)
     prompts = encode_prompts(tokenizer, [task.prompt(tokenizer, e.question) for e in task.train])
-    shape = RowShape(_bucket(max(map(len, prompts))), _bucket(cfg.max_new_tokens))
+    replayed = cfg.max_new_tokens if cfg.algo == "t-spmo" and cfg.tspmo_replay > 0 else 0
+    shape = RowShape(_bucket(max(map(len, prompts)) + replayed), _bucket(cfg.max_new_tokens))
+    held = mx.get_active_memory()
     need = probe_peak(make_loss_and_grad(model, cfg.beta, cfg.compile), shape, 1)
     if need > budget and not cfg.grad_checkpoint:
         checkpoint_blocks(model)
@@ -207,4 +224,5 @@ def check_run_fits(model, tokenizer, task, cfg) -> int:
             f"--max-memory {budget / 1e9:.3g} GB is too small: the loss needs {need / 1e9:.3g} "
             f"GB for one row of {shape.context} prompt and {shape.crop} completion tokens, "
             f"even with gradient checkpointing")
+    plans_of(model)[shape] = Plan(fixed=held, per_row=need - held, held=held, two_rows=False)
     return budget

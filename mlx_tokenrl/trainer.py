@@ -177,7 +177,7 @@ def loss_and_grads(model, loss_and_grad, cfg, loss_rows, triples, totals: StepTo
     num_units, unit_of_row = loss_units(cfg, totals, loss_rows)
     weights = normalisation_weights(triples, cfg.loss_norm, num_units, int(totals.selected),
                                     unit_of_row)
-    rows = cfg.microbatch_rows or planned_rows(loss_and_grad, loss_rows, triples,
+    rows = cfg.microbatch_rows or planned_rows(model, loss_and_grad, loss_rows, triples,
                                                 budget_bytes(cfg.max_memory), cfg.max_new_tokens)
     batches = make_microbatches(loss_rows, triples, weights, rows)
     if cfg.beta > 0:

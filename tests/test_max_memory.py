@@ -72,6 +72,25 @@ def test_loss_peak_stays_under_the_budget(model_dir, tmp_path, planned, block_ca
     assert not getattr(block_call.__call__, "checkpointed", False)  # one row fits without
 
 
+@pytest.mark.parametrize("algo", ["grpo", "t-spmo"])
+def test_the_start_up_probe_plans_every_step(model_dir, tmp_path, planned, monkeypatch, algo):
+    """With room for every row of a step, the one-row probe of the start-up check (the
+    longest prompt, with T-SPMO's replayed prefixes, and --max-new-tokens) is the only one:
+    no step probes, and each step's rows are all in one microbatch."""
+    probes = []
+    probe = memory.probe_peak
+    monkeypatch.setattr(memory, "probe_peak",
+                        lambda f, shape, rows: probes.append(rows) or probe(f, shape, rows))
+    counted = []
+    make = trainer.make_microbatches
+    monkeypatch.setattr(trainer, "make_microbatches", lambda loss_rows, triples, weights, n:
+                        counted.append(memory.step_rows(triples)) or
+                        make(loss_rows, triples, weights, n))
+    trainer.train(config(model_dir, tmp_path / "run", algo=algo, max_memory=above_held(500)))
+    assert probes == [1]
+    assert planned == counted and len(planned) == 2
+
+
 def test_checkpointing_is_turned_on_when_one_row_needs_it(model_dir, tmp_path, planned,
                                                            block_call):
     """3 MB: one row needs about 3.6 MB as it is and 2.6 MB with gradient checkpointing."""
@@ -131,7 +150,7 @@ def test_rows_are_replanned_only_for_longer_rows(tiny_model_dir, monkeypatch):
                         lambda f, shape, rows: probed.append(shape) or probe(f, shape, rows))
 
     def rows_for(context, completion):
-        return memory.planned_rows(loss_and_grad, *same_rows(16, context, completion),
+        return memory.planned_rows(model, loss_and_grad, *same_rows(16, context, completion),
                                    int(60e6), max_new_tokens=256)
 
     assert rows_for(30, 40) >= 4
@@ -166,7 +185,7 @@ def test_rows_come_from_probes_of_one_and_two_rows(monkeypatch, fixed, room, row
     rows."""
     cost = LinearCost(monkeypatch, fixed=fixed)
     step = same_rows(64, 10, 10)
-    assert memory.planned_rows(SimpleNamespace(), *step, cost.held + room,
+    assert memory.planned_rows(SimpleNamespace(), None, *step, cost.held + room,
                                max_new_tokens=64) == rows
     assert cost.probes == [1, 2]
 
@@ -174,13 +193,13 @@ def test_rows_come_from_probes_of_one_and_two_rows(monkeypatch, fixed, room, row
 def test_never_more_rows_than_the_step_has(monkeypatch):
     """A T-SPMO-like step of three rows, with room for 32: one microbatch of three rows."""
     cost = LinearCost(monkeypatch)
-    loss_and_grad = SimpleNamespace()
-    assert memory.planned_rows(loss_and_grad, *same_rows(3, 10, 10), 10**9,
+    model = SimpleNamespace()  # keeps the plans
+    assert memory.planned_rows(model, None, *same_rows(3, 10, 10), 10**9,
                                max_new_tokens=64) == 3
     # The plan is kept for longer steps of these lengths; a row selected twice is one row.
     rows, triples = same_rows(40, 10, 10)
-    assert memory.planned_rows(loss_and_grad, rows, triples, 10**9, max_new_tokens=64) == 32
-    assert memory.planned_rows(loss_and_grad, rows, triples[:5] + [(0, 3, 1.0)], 10**9,
+    assert memory.planned_rows(model, None, rows, triples, 10**9, max_new_tokens=64) == 32
+    assert memory.planned_rows(model, None, rows, triples[:5] + [(0, 3, 1.0)], 10**9,
                                max_new_tokens=64) == 5
     assert cost.probes == [1, 2]
 
@@ -189,7 +208,7 @@ def test_two_rows_are_probed_only_when_they_surely_fit(monkeypatch):
     """One row took 150 over what was held: two are not probed unless 300 fit (a probe is
     the process's memory too, and --max-memory bounds it)."""
     cost = LinearCost(monkeypatch, fixed=50)
-    assert memory.planned_rows(SimpleNamespace(), *same_rows(8, 10, 10), cost.held + 299,
+    assert memory.planned_rows(SimpleNamespace(), None, *same_rows(8, 10, 10), cost.held + 299,
                                max_new_tokens=64) == 1
     assert cost.probes == [1]
 
@@ -209,16 +228,16 @@ def test_a_plan_is_probed_once_even_when_the_headroom_does_not_fit(monkeypatch):
     monkeypatch.setattr(memory, "probe_peak", cost)
     monkeypatch.setattr(memory.mx, "get_active_memory", lambda: held)
     budget = held + 128 * 128 // 64  # one row of 128 x 128 fits, one of 192 x 128 does not
-    rows, loss_and_grad = [LossRow([1] * 100, [2] * 128)], SimpleNamespace()  # keeps the plans
+    rows, model = [LossRow([1] * 100, [2] * 128)], SimpleNamespace()  # keeps the plans
     for _ in range(3):
-        assert memory.planned_rows(loss_and_grad, rows, [(0, 127, 1.0)], budget,
+        assert memory.planned_rows(model, None, rows, [(0, 127, 1.0)], budget,
                                    max_new_tokens=128) == 1
     shapes = {shape for shape, _ in probes}
     assert shapes == {memory.RowShape(192, 128), memory.RowShape(128, 128)}
     assert len(probes) == 2  # one row each, once
     probes.clear()  # short rows whose headroom stays in their bucket, over the budget
     short = [LossRow([1] * 30, [2] * 20)]
-    memory.planned_rows(SimpleNamespace(), short, [(0, 19, 1.0)], held, max_new_tokens=128)
+    memory.planned_rows(SimpleNamespace(), None, short, [(0, 19, 1.0)], held, max_new_tokens=128)
     assert probes == [(memory.RowShape(64, 64), 1)]
 
 
