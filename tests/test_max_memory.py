@@ -14,6 +14,7 @@ from mlx_tokenrl import memory, trainer
 from mlx_tokenrl.config import TrainConfig
 from mlx_tokenrl.loss import LossRow, make_loss_and_grad
 from mlx_tokenrl.models import add_lora, load_model, lora_config
+from mlx_tokenrl.tasks import task_from_config
 from tokenrl_cli.main import app
 
 MB = 1e-3  # GB
@@ -89,6 +90,21 @@ def test_the_start_up_probe_plans_every_step(model_dir, tmp_path, planned, monke
     trainer.train(config(model_dir, tmp_path / "run", algo=algo, max_memory=above_held(500)))
     assert probes == [1]
     assert planned == counted and len(planned) == 2
+
+
+def test_the_start_up_probe_holds_the_longest_replay_context(model_dir, tmp_path, monkeypatch):
+    """A T-SPMO replay row's context is a prompt and a completion prefix: the start-up probe
+    (which plans every step) is that much longer with replay, and only with it."""
+    shapes = {}
+    model, tokenizer = load_model(str(model_dir[0]))
+    for algo, replay in (("grpo", 2), ("t-spmo", 0), ("t-spmo", 2)):
+        monkeypatch.setattr(memory, "probe_peak",
+                            lambda f, shape, rows: shapes.setdefault((algo, replay), shape) and 0)
+        cfg = config(model_dir, tmp_path, algo=algo, tspmo_replay=replay, max_new_tokens=64)
+        memory.check_run_fits(model, tokenizer, task_from_config(cfg), cfg)
+    plain = shapes["grpo", 2]
+    assert shapes["t-spmo", 0] == plain and plain.context == 64  # the prompts are short
+    assert shapes["t-spmo", 2] == memory.RowShape(plain.context + 64, plain.crop)
 
 
 def test_checkpointing_is_turned_on_when_one_row_needs_it(model_dir, tmp_path, planned,
