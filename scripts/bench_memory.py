@@ -35,14 +35,34 @@ SVAMP = ["svamp", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tok
 FIXED_ROWS = "8"
 
 
+PROBES = "memory probes: "
+
+
 def child(argv):
-    """Run the CLI in this process, with the logprob check skipped if asked."""
+    """Run the CLI in this process, with the logprob check skipped if asked; the time spent
+    in the planner's probes (memory.probe_peak) is printed last."""
     if argv[0] == "--skip-logprob-check":
         argv = argv[1:]
         from mlx_tokenrl import trainer
         trainer.check_selected_logprobs = lambda model: None
+    from mlx_tokenrl import memory
+    probes = {"calls": 0, "s": 0.0}
+    probe = memory.probe_peak
+
+    def timed(*args):
+        start = time.perf_counter()
+        try:
+            return probe(*args)
+        finally:
+            probes["calls"] += 1
+            probes["s"] += time.perf_counter() - start
+
+    memory.probe_peak = timed
     from tokenrl_cli.main import app
-    app(argv, standalone_mode=True)
+    try:
+        app(argv, standalone_mode=True)
+    finally:
+        print(PROBES + json.dumps(probes), flush=True)
 
 
 def code_dir(commit: str, scratch: Path) -> Path:
@@ -73,7 +93,9 @@ def run_one(code: Path, args: list, out: Path, log: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         return {"error": log.read_text()[-2000:], "wall_s": wall, "resident_gb": maxrss / 1e9}
     step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    return {"wall_s": wall, "resident_gb": maxrss / 1e9,
+    probes = json.loads(log.read_text().split(PROBES)[-1].splitlines()[0])
+    return {"wall_s": wall, "resident_gb": maxrss / 1e9, "probe_calls": probes["calls"],
+            "probe_s": probes["s"],
             "step_s": step["step_s"], "rollout_s": step["rollout_s"], "loss_s": step["loss_s"],
             "reported_peak_gb": step["peak_memory_gb"],
             "reported_resident_gb": step.get("resident_peak_gb"),
