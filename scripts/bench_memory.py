@@ -161,17 +161,18 @@ def print_summary(results):
     from rich.console import Console
     from tables import markdown_table, print_table
     header = ["case", "rows", "code", "resident GB", "reported peak GB", "loss peak GB",
-              "resident / loss peak", "wall s", "step s", "loss s"]
+              "resident / loss peak", "probes", "probe s", "wall s", "step s", "loss s"]
     rows = []
     for r in results:
+        probes = [str(r["probe_calls"]), f"{r['probe_s']:.0f}"] if "probe_s" in r else ["", ""]
         if "error" in r:
-            rows.append([r["case"], r["rows"], r["code"], f"{r['resident_gb']:.2f}",
-                         "failed", "", "", f"{r['wall_s']:.0f}", "", ""])
+            rows.append([r["case"], r["rows"], r["code"], f"{r['resident_gb']:.2f}", "stopped",
+                         "", "", *probes, f"{r['wall_s']:.0f}", "", ""])
             continue
         rows.append([r["case"], r["rows"], r["code"], f"{r['resident_gb']:.2f}",
                      f"{r['reported_peak_gb']:.2f}", f"{r['loss_peak_gb']:.2f}",
-                     f"{r['resident_gb'] / r['loss_peak_gb']:.2f}x", f"{r['wall_s']:.0f}",
-                     f"{r['step_s']:.0f}", f"{r['loss_s']:.0f}"])
+                     f"{r['resident_gb'] / r['loss_peak_gb']:.2f}x", *probes,
+                     f"{r['wall_s']:.0f}", f"{r['step_s']:.0f}", f"{r['loss_s']:.0f}"])
     print_table(Console(), "one training step: memory and time", header, rows,
                 left=("case", "rows", "code"))
     return markdown_table(header, rows, left=("case", "rows", "code"))
