@@ -7,11 +7,13 @@ given lengths: every row its own context (nothing shared) and every completion p
 selected. Its peak (`mx.get_peak_memory`: weights included) bounds any real microbatch with
 as many rows, no longer contexts and no longer crops (the probe's one pass of contexts and
 one of rows is the widest way to run them). A probe's memory is a line in its rows: each
-row adds its own activations, attention and selected logits. So a shape is probed at one
-and two rows only, and a step takes the most rows a line fitted on them puts under the
-budget (`fitting_plan`: one that errs high): a power
-of two (the loss pads its selections to a power of two, and rows x a row's padded
-selections is then exactly what they pad to), and never more rows than the step has.
+row adds its own activations, attention and selected logits. The start-up check probes one
+row of the longest a run can hold, and the line through what was held and that row (it
+errs high: it counts a call's fixed costs as the row's) plans every step: no step probes.
+A step takes the most rows that line puts under the budget, a power of two (the loss pads
+its selections to a power of two, and rows x a row's padded selections is then exactly what
+they pad to), and never more rows than it has. Without that plan (callers other than
+train), a step's lengths are probed at one and two rows (`fitting_plan`).
 """
 
 import os
@@ -130,7 +132,6 @@ class Plan:
     fixed: int
     per_row: int
     held: int
-    two_rows: bool  # measured at one and two rows; else through what was held and one row
 
     def rows(self, budget: int, held: int) -> int:
         """The most rows (a power of two, at most MAX_ROWS) whose peak, with `held` bytes held
@@ -153,10 +154,10 @@ def fitting_plan(loss_and_grad, shape: RowShape, budget: int) -> Plan:
     held = mx.get_active_memory()
     one = probe_peak(loss_and_grad, shape, 1)
     if 2 * one - held > budget:
-        return Plan(fixed=held, per_row=one - held, held=held, two_rows=False)
+        return Plan(fixed=held, per_row=one - held, held=held)
     two = probe_peak(loss_and_grad, shape, 2)
     per_row = max(two - one, (two - held) // 2, 1)
-    return Plan(fixed=two - 2 * per_row, per_row=per_row, held=held, two_rows=True)
+    return Plan(fixed=two - 2 * per_row, per_row=per_row, held=held)
 
 
 def step_rows(triples) -> int:
@@ -175,30 +176,26 @@ def planned_rows(model, loss_and_grad, loss_rows, triples, budget: int,
                  max_new_tokens: int) -> int:
     """Microbatch rows for a step: the most rows any of `model`'s plans whose shape covers
     the step's puts under the budget with what is held now, and never more than the step
-    has. The start-up plan (check_run_fits) covers every step; when no plan probed at two
-    rows covers the step and the others allow fewer rows than it has (they err high), the
-    step's lengths with headroom are probed (once: a shape is never probed again)."""
+    has. The start-up plan (check_run_fits) covers every step of a run, so a step probes
+    nothing; steps longer than any plan (a caller without that check) are probed."""
     plans = plans_of(model)
     shape = step_shape(loss_rows, triples)
     held = mx.get_active_memory()
-    need = step_rows(triples)
-    covering = [plan for probed, plan in plans.items() if probed.covers(shape)]
-    fits = [plan.rows(budget, held) for plan in covering]
-    # Probed with headroom, since rows grow over the first steps and each probe is a
-    # loss+grad of its own; a crop never past --max-new-tokens. When not even one row fits
-    # with the headroom, the step's own lengths are probed instead (that plan would be
-    # refused at every later step).
-    roomy = RowShape(_bucket(int(shape.context * HEADROOM)),
-                     min(_bucket(int(shape.crop * HEADROOM)), _bucket(max_new_tokens)))
-    if (max(fits, default=0) < need and roomy not in plans
-            and not any(plan.two_rows for plan in covering)):
+    fits = [plan.rows(budget, held) for probed, plan in plans.items() if probed.covers(shape)]
+    if not any(fits):
+        # Probed with headroom, since rows grow over the first steps and each probe is a
+        # loss+grad of its own; a crop never past --max-new-tokens. When not even one row
+        # fits with the headroom, the step's own lengths are probed instead (that plan
+        # would be refused at every later step).
+        roomy = RowShape(_bucket(int(shape.context * HEADROOM)),
+                         min(_bucket(int(shape.crop * HEADROOM)), _bucket(max_new_tokens)))
         own = RowShape(_bucket(shape.context), _bucket(shape.crop))
         for probed in dict.fromkeys((roomy, own)):  # once when the headroom adds no bucket
             plans[probed] = fitting_plan(loss_and_grad, probed, budget)
-            fits.append(plans[probed].rows(budget, held))
-            if fits[-1]:
+            fits = [plans[probed].rows(budget, held)]
+            if fits[0]:
                 break
-    return max(1, min(max(fits), need))
+    return max(1, min(max(fits), step_rows(triples)))
 
 
 def check_run_fits(model, tokenizer, task, cfg) -> int:
@@ -224,5 +221,5 @@ def check_run_fits(model, tokenizer, task, cfg) -> int:
             f"--max-memory {budget / 1e9:.3g} GB is too small: the loss needs {need / 1e9:.3g} "
             f"GB for one row of {shape.context} prompt and {shape.crop} completion tokens, "
             f"even with gradient checkpointing")
-    plans_of(model)[shape] = Plan(fixed=held, per_row=need - held, held=held, two_rows=False)
+    plans_of(model)[shape] = Plan(fixed=held, per_row=need - held, held=held)
     return budget
