@@ -29,10 +29,9 @@ import numpy as np
 
 from mlx_lm.models.cache import BatchKVCache
 
-from .messages import warn_once
 from .models import ModelLoadError, model_type
 from .rollout import batch_cache
-from .rounding import judge, logprobs, own_rounding
+from .rounding import in_float32, judge, logprobs, own_rounding, settle
 
 WIDTH_BUCKET = 16
 MIN_SELECTIONS = 32
@@ -378,30 +377,27 @@ def check_selected_logprobs(model, length: int = 8):
 
     The input is read as two rows, after contexts of 1 and 3 tokens (left-padded together,
     as the loss runs them). The body sees the same input both ways, so only rounding can
-    differ; the difference is judged against the rounding the model's own forward shows on
-    this machine and dtype (`rounding.py`)."""
-    tokens = list(range(1, length + 1))
-    full = logprobs(model(mx.array(tokens)[None])[0])
-    half = length // 2
-    random_ids = np.random.default_rng(0).integers(0, full.shape[-1], length - half)
-    targets = np.concatenate([np.array(mx.argmax(full[:half], axis=-1)), random_ids])
-    rows = [ForwardRow(tokens[:split], tokens[split:],
-                       [Pick(col + 1 - split, int(targets[col]), 1.0, 1.0)
-                        for col in range(split - 1, length)])
-            for split in (1, 3)]
-    batch = pack_microbatch(rows)
-    expected = np.concatenate([np.array(full[col, targets[col]]).reshape(1)
-                               for split in (1, 3) for col in range(split - 1, length)])
-    ours = np.array(selected_logprobs(model, batch))[:len(expected)]
-    verdict = judge(float(np.abs(ours - expected).max()), own_rounding(model, [tokens]))
-    what = (f"model type {model_type(model)!r}: the loss's log-probs differ from the model's "
-            f"own {verdict.describe()}")
-    if verdict.outcome == "defect":
-        raise ModelLoadError(f"{what}; its output head or its attention over left-padded "
-                             f"contexts is not supported")
-    if verdict.outcome == "unsure":
-        warn_once(f"{what}: too close to tell rounding from an unsupported output head or "
-                  f"attention; training goes on")
+    differ; the difference is judged, in float32, against the rounding the model's own
+    forward shows on this machine (`rounding.py`)."""
+    with in_float32(model):
+        tokens = list(range(1, length + 1))
+        full = logprobs(model(mx.array(tokens)[None])[0])
+        half = length // 2
+        random_ids = np.random.default_rng(0).integers(0, full.shape[-1], length - half)
+        targets = np.concatenate([np.array(mx.argmax(full[:half], axis=-1)), random_ids])
+        rows = [ForwardRow(tokens[:split], tokens[split:],
+                           [Pick(col + 1 - split, int(targets[col]), 1.0, 1.0)
+                            for col in range(split - 1, length)])
+                for split in (1, 3)]
+        batch = pack_microbatch(rows)
+        expected = np.concatenate([np.array(full[col, targets[col]]).reshape(1)
+                                   for split in (1, 3) for col in range(split - 1, length)])
+        ours = np.array(selected_logprobs(model, batch))[:len(expected)]
+        verdict = judge(float(np.abs(ours - expected).max()), own_rounding(model, [tokens]))
+    settle(verdict, f"model type {model_type(model)!r}: the loss's log-probs differ from the "
+                    f"model's own {verdict.describe()}",
+           "its output head or its attention over left-padded contexts is not supported",
+           "an unsupported output head or attention")
 
 
 def checkpoint_blocks(model):

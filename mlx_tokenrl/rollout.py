@@ -21,9 +21,9 @@ import numpy as np
 from mlx_lm.models.cache import BatchKVCache, KVCache, make_prompt_cache
 
 from .cpu_kernels import cpu_kernels
-from .messages import first_line, warn_once
+from .messages import first_line
 from .models import ModelLoadError, model_type
-from .rounding import judge, logprobs, own_rounding
+from .rounding import in_float32, judge, logprobs, own_rounding, settle
 from .sampling import advance_keys, row_keys, sample_tokens
 
 # Drop finished rows once at least this share of the batch has finished: compaction copies
@@ -99,35 +99,32 @@ def check_batched_rollouts(model):
     prompts of different lengths run as `generate_tokens` runs them (prefilled together,
     rows repeated, one dropped), and every step's log-probs are compared with the model's own
     forward of each row alone. A wrong mask or offset moves them by whole units; rounding is
-    judged against what the model's own forward shows on this machine (`rounding.py`)."""
+    judged, in float32, against what the model's own forward shows here (`rounding.py`)."""
     batch_cache(model, [0])
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
     # Prompt 0 once, prompt 1 twice (a group); row 1 finishes after one token and is dropped.
     rows = [prompts[0] + [10, 13], prompts[1] + [11], prompts[1] + [12, 14]]
-    try:
-        cache, first = prefill(model, prompts)
-        _keep_rows(cache, mx.array([0, 1, 1]))
-        second = model(mx.array([[10], [11], [12]]), cache=cache)[:, -1, :]
-        _keep_rows(cache, mx.array([0, 2]))
-        third = model(mx.array([[13], [14]]), cache=cache)[:, -1, :]
-    except ValueError as exc:  # mlx's shape errors inside the family's attention
-        raise ModelLoadError(f"model type {model_type(model)!r} is not supported: batched "
-                             f"rollouts fail in its forward ({first_line(exc)})") from None
-    batched = [[first[0], second[0], third[0]], [first[1], second[1]],
-               [first[1], second[2], third[1]]]
-    difference = 0.0
-    for row, steps in zip(rows, batched):
-        alone = model(mx.array(row)[None])[0, len(row) - len(steps):]
-        difference = max(difference, mx.abs(logprobs(mx.stack(steps))
-                                             - logprobs(alone)).max().item())
-    verdict = judge(difference, own_rounding(model, rows))
-    what = (f"model type {model_type(model)!r}: batched rollouts differ from its own forward "
-            f"{verdict.describe()} in log-prob")
-    if verdict.outcome == "defect":
-        raise ModelLoadError(f"{what}; it is not supported")
-    if verdict.outcome == "unsure":
-        warn_once(f"{what}: too close to tell rounding from attention that misreads left "
-                  f"padding; training goes on")
+    with in_float32(model):
+        try:
+            cache, first = prefill(model, prompts)
+            _keep_rows(cache, mx.array([0, 1, 1]))
+            second = model(mx.array([[10], [11], [12]]), cache=cache)[:, -1, :]
+            _keep_rows(cache, mx.array([0, 2]))
+            third = model(mx.array([[13], [14]]), cache=cache)[:, -1, :]
+        except ValueError as exc:  # mlx's shape errors inside the family's attention
+            raise ModelLoadError(f"model type {model_type(model)!r} is not supported: batched "
+                                 f"rollouts fail in its forward ({first_line(exc)})") from None
+        batched = [[first[0], second[0], third[0]], [first[1], second[1]],
+                   [first[1], second[2], third[1]]]
+        difference = 0.0
+        for row, steps in zip(rows, batched):
+            alone = model(mx.array(row)[None])[0, len(row) - len(steps):]
+            difference = max(difference, mx.abs(logprobs(mx.stack(steps))
+                                                 - logprobs(alone)).max().item())
+        verdict = judge(difference, own_rounding(model, rows))
+    settle(verdict, f"model type {model_type(model)!r}: batched rollouts differ from its own "
+                    f"forward {verdict.describe()} in log-prob", "it is not supported",
+           "attention that misreads left padding")
 
 
 def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParams,

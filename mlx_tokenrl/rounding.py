@@ -11,8 +11,9 @@ tolerance refuses valid models on machines it was not tuned on.
 So the yardstick is measured, not assumed: the same tokens through the model's own forward
 in layouts that are equal in exact arithmetic and use only paths mlx-lm itself relies on
 (one row alone; in two chunks through the model's own cache, as `mlx_lm.generate` runs it;
-batched with another row of the same length; as the prefix of a longer row). Their largest
-log-prob difference is this machine's noise for this model and dtype, floored at one unit in
+batched with another row of the same length; as the prefix of a longer row; through a
+batched cache without padding, whose explicit mask takes the checked paths' kernel). Their
+largest log-prob difference is this machine's noise for this model and dtype, floored at one unit in
 the last place of the largest logit (layouts can round identically, and no difference
 finer than that is meaningful). A defect (a head the loss does not run, a missing
 soft-cap or logit scale, attention that reads padding) moves log-probs by tenths of a nat
@@ -22,17 +23,42 @@ or more, orders of magnitude above that noise:
 - difference > REFUSE_RATIO x noise: a defect; the model is refused in one line;
 - in between, or when the noise itself cannot be measured (non-finite logits): the check
   cannot tell; it warns in one line and training goes on.
+
+The checks run in float32 whatever dtype the model trains in (`in_float32`): they test
+structure (head, mask, cache), not precision, and in half precision one unit in the last
+place of a logit of 30 is 0.125 nats (bfloat16), so the noise would hide defects of several
+nats. Half-precision weights convert to float32 and back exactly; the cost is a float32
+copy of the weights for the checks' few short forwards.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
+from mlx.utils import tree_map
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+
+from .messages import warn_once
+from .models import ModelLoadError
 
 PASS_RATIO = 10
 REFUSE_RATIO = 100
+
+
+@contextlib.contextmanager
+def in_float32(model):
+    """The model's floating-point weights in float32 inside the block, each back in its own
+    dtype after it (quantized weights are left as they are)."""
+    dtypes = tree_map(lambda weight: weight.dtype, model.parameters())
+    model.set_dtype(mx.float32)
+    try:
+        yield
+    finally:
+        model.update(tree_map(lambda weight, dtype: weight.astype(dtype), model.parameters(),
+                              dtypes))
+        mx.eval(model.parameters())
 
 
 def logprobs(logits: mx.array) -> mx.array:
@@ -49,7 +75,10 @@ def _layouts(model, row: list) -> list:
                               model(mx.array(row[cut:])[None], cache=cache)[0]])
     batched = model(mx.array([row, row[::-1]]))[0]
     prefix = model(mx.array(row + row[:3])[None])[0, :len(row)]
-    return [alone, chunked, batched, prefix]
+    # Through a batched cache with no padding: an explicit mask array, the attention kernel
+    # the checked paths take (a GPU may pick another kernel for it than for a causal one).
+    masked = model(mx.array(row)[None], cache=[BatchKVCache([0]) for _ in cache])[0]
+    return [alone, chunked, batched, prefix, masked]
 
 
 def own_rounding(model, rows) -> float:
@@ -88,3 +117,12 @@ def judge(difference: float, noise: float) -> Verdict:
     else:
         outcome = "unsure"
     return Verdict(difference, noise, outcome)
+
+
+def settle(verdict: Verdict, what: str, unsupported: str, suspect: str):
+    """Refuse a defect in one line (`what`; `unsupported`), warn once where the check cannot
+    tell (`suspect` being what it cannot rule out), say nothing about rounding."""
+    if verdict.outcome == "defect":
+        raise ModelLoadError(f"{what}; {unsupported}")
+    if verdict.outcome == "unsure":
+        warn_once(f"{what}: too close to tell rounding from {suspect}; training goes on")
