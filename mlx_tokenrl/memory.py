@@ -38,6 +38,15 @@ HEADROOM = 1.5  # a step needing a new plan has it probed at this much longer ro
 _peak_before_last_reset = 0
 
 
+def start_run_peak() -> None:
+    """Count from here as the process's start: `compare` trains its arms one after another in
+    one process, and each arm's peak is its own. (The OS's resident peak cannot be reset: it
+    stays the whole process's.)"""
+    global _peak_before_last_reset
+    _peak_before_last_reset = 0
+    mx.reset_peak_memory()
+
+
 def reset_peak() -> None:
     """Start a new window of MLX's peak counter, the last one's kept in `mlx_peak_bytes`."""
     global _peak_before_last_reset

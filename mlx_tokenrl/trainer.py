@@ -33,7 +33,7 @@ from .config import ConfigError, TrainConfig, config_from_dict
 from .models import (add_lora, check_adapter_files, init_from_adapter, load_model, lora_config,
                      save_adapter_config)
 from .memory import (budget_bytes, check_run_fits, mlx_peak_bytes, planned_rows, reset_peak,
-                     resident_peak_bytes)
+                     resident_peak_bytes, start_run_peak)
 from .messages import warn_once
 from .replay import replay_step
 from .rewards import weighted, with_format_bonus
@@ -509,6 +509,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
     Ctrl-C, or an error inside a step, saves a checkpoint of the last finished step and
     re-raises.
     """
+    start_run_peak()
     world, task, model, tokenizer, optimizer, start, cfg = prepare_run(cfg, resume)
     out = Path(cfg.out)
     is_main = world.is_main

@@ -281,8 +281,17 @@ def test_reported_peak_includes_the_probes(model_dir, tmp_path, monkeypatch, blo
     assert step["resident_peak_gb"] >= step["peak_memory_gb"] * 0.5  # the OS's count too
 
 
-def test_a_reset_keeps_the_peak_of_the_process():
+def test_a_run_reports_its_own_peak_not_an_earlier_runs(model_dir, tmp_path):
+    """compare trains its arms in one process: an arm after a heavier one reports its own."""
+    mx.eval(mx.zeros(128_000_000))  # 512 MB, freed at once
     memory.reset_peak()
+    assert memory.mlx_peak_bytes() >= 512e6
+    out = trainer.train(config(model_dir, tmp_path / "run", steps=1))
+    assert json.loads(open(out / "metrics.jsonl").readline())["peak_memory_gb"] < 0.5
+
+
+def test_a_reset_keeps_the_peak_of_the_process():
+    memory.start_run_peak()
     big = mx.zeros(16_000_000)  # 64 MB
     mx.eval(big)
     del big
