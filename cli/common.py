@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 from rich.text import Text
 
+from mlx_tokenrl.algorithms import ALGORITHMS, options as algorithm_options
 from mlx_tokenrl.config import (GENERAL_DEFAULTS, TrainConfig, config_from_dict, flag,
                                 stated_default)
 from mlx_tokenrl.messages import InputError, first_line
@@ -133,7 +134,7 @@ class Command(typer.core.TyperCommand):
 
 HELP = {
     "model": ("Model", "Hugging Face repo id, local mlx-lm directory or .gguf file."),
-    "algo": ("Algorithm", "grpo (all tokens), s-grpo (stochastic subset) or t-spmo (prefix matching)."),
+    "algo": ("Algorithm", ", ".join(f"{a.name} ({a.summary})" for a in ALGORITHMS.values()) + "."),
     "data": ("Task", "Local data file or directory instead of the Hugging Face dataset."),
     "digits": ("Task", "multiply: operand digits, e.g. 3x3."),
     "reward_fn": ("Task", "Reward function 'module:function' or 'file.py:function'; repeat it for several (the first decides what counts as solved)."),
@@ -159,6 +160,9 @@ HELP = {
     "grad_clip": ("Optimisation", "Clip the global gradient norm; 0 disables."),
     "loss_norm": ("Optimisation", "sequence: mean over completions of per-completion means (paper; T-SPMO: over groups of per-group means of their pairs); token: mean over all selected tokens."),
     "beta": ("Optimisation", "KL penalty to the base model (LoRA off, so also without a starting --adapter-path), k3 on selected tokens."),
+    "updates_per_rollout": ("Optimisation", "Policy updates per rollout batch (TRL's num_iterations); each after the first weighs tokens by PPO's clipped ratio to the policy before the first."),
+    "clip_epsilon": ("Optimisation", "PPO clip: the ratio new/old policy is kept within [1 - eps, 1 + eps-high] where it would move the loss further."),
+    "clip_epsilon_high": ("Optimisation", "Upper clip (DAPO's clip-higher when larger; default: --clip-epsilon)."),
     "scale_rewards": ("Optimisation", "group: divide advantages by the group's std; none: only centre them."),
     "format_reward": ("Task", "Extra training reward for answering as '#### N' or '\\boxed{N}' (accuracy is unchanged)."),
     "lora_rank": ("LoRA", "LoRA rank."),
@@ -168,11 +172,6 @@ HELP = {
     "quantize": ("Model", "Quantize the base model to this many bits on load (QLoRA)."),
     "dtype": ("Model", "auto (float32 on CPU; on Metal the checkpoint's half precision, bfloat16 for a float32 one), float32, bfloat16, float16."),
     "adapter_path": ("LoRA", "Start from this mlx-lm adapter (SFT or an earlier run); its rank, scale, layers and keys must match."),
-    "sgrpo_alpha": ("S-GRPO", "The first alpha completion tokens are always in the loss."),
-    "sgrpo_k": ("S-GRPO", "At most k tokens per completion in the loss."),
-    "sgrpo_p": ("S-GRPO", "Probability that each later token joins the loss until k are chosen."),
-    "tspmo_max_pairs": ("T-SPMO", "Most (prefix, token) pairs per group (random subset when over)."),
-    "tspmo_replay": ("T-SPMO", "Successful completions per step re-sampled from a random cut."),
     "max_memory": ("Compute", "Loss+grad memory budget in GB, weights included: sets the loss's microbatch rows (default: 75% of RAM, on Metal of its working set)."),
     "microbatch_rows": ("Compute", "Rows per loss microbatch, fixed (instead of --max-memory's choice)."),
     "grad_checkpoint": ("Compute", "Recompute activations in the backward pass (long completions)."),
@@ -185,12 +184,14 @@ HELP = {
     "project_name": ("Tracking", "The tracker's project for --report-to."),
     "samples_every": ("Tracking", "Write prompts, completions, rewards and selected tokens to samples.jsonl on step 1 and every N steps; 0 disables."),
     "samples_count": ("Tracking", "Prompts per sample (each with its whole group of completions)."),
+    # each algorithm's own options, as it declares them (algorithms/)
+    **{option.name: (algorithm.panel, option.help) for algorithm, option in algorithm_options()},
 }
 # Every command takes both spellings: ours (as TrainConfig's field) and mlx-lm generate's.
 MAX_NEW_TOKENS = ("--max-new-tokens", "--max-tokens")
 CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": list[str],
              "reward_weights": str, "max_memory": float, "microbatch_rows": int, "lr": float,
-             "max_new_tokens": int}
+             "max_new_tokens": int, "clip_epsilon_high": float}
 
 
 def option_parameter(name, annotation, default=None):
@@ -293,6 +294,10 @@ def step_fields(m: dict) -> list[Text]:
               f"{m['step_s']:.1f} s/step", f"{m['peak_memory_gb']:.2f} GB"]
     if "resident_peak_gb" in m:  # the OS's count beside MLX's (trainer.peaks_gb)
         fields.append(f"rss {m['resident_peak_gb']:.2f} GB")
+    if m.get("updates", 1) > 1:  # several clipped updates per rollout batch
+        fields[4:4] = [f"{m['updates']} updates",
+                       f"ratio {m['ratio_min']:.2f}-{m['ratio_max']:.2f}",
+                       f"clip {m['clip_fraction']:.0%}", f"kl {m['approx_kl']:.1e}"]
     if "eval_accuracy" in m:
         fields.insert(1, f"acc {m['eval_accuracy']:.1%}")
     texts = [Text(field) for field in fields]

@@ -5,13 +5,14 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
+from .algorithms import ALGORITHMS, options as algorithm_options
 from .messages import InputError
 
 DEFAULT_MODEL = "Qwen/Qwen2-1.5B-Instruct"
-ALGOS = ("grpo", "s-grpo", "t-spmo")
+ALGOS = tuple(ALGORITHMS)
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # dtypes.DTYPES: their MLX dtypes
 DTYPE_CHOICES = ("auto", *FLOAT_DTYPES)
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)  # what mx.quantize supports
@@ -103,7 +104,8 @@ def coerce(name: str, value, kind):
 
 
 @dataclass
-class TrainConfig:
+class RunSettings:
+    """Every setting but the algorithms' own options (TrainConfig adds those)."""
     # what to train
     task: str = "svamp"
     model: str = DEFAULT_MODEL
@@ -138,6 +140,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     loss_norm: str = "sequence"
     beta: float = 0.0
+    # PPO's clipped ratio over several updates from one rollout batch (loss.policy_loss)
+    updates_per_rollout: int = 1
+    clip_epsilon: float = 0.2
+    clip_epsilon_high: float | None = None  # None: clip_epsilon (symmetric)
     scale_rewards: str = "group"
     format_reward: float = 0.0
     # LoRA / model
@@ -148,14 +154,6 @@ class TrainConfig:
     quantize: int | None = None
     dtype: str = "auto"
     adapter_path: str | None = None  # start from this adapter's weights (SFT or an earlier run)
-    # algorithm knobs
-    # S-GRPO: ~24 tokens within the first ~30 of each completion. The loss's forward pass
-    # then stops early (memory and time well under half of GRPO's, scripts/bench_step.py).
-    sgrpo_alpha: int = 4
-    sgrpo_k: int = 24
-    sgrpo_p: float = 0.75
-    tspmo_max_pairs: int = 256
-    tspmo_replay: int = 2
     # compute: the loss's microbatch rows are planned to keep its peak under max_memory (GB;
     # None: a share of the machine's, memory.py) unless microbatch_rows is given
     max_memory: float | None = None
@@ -193,8 +191,8 @@ class TrainConfig:
         one_of("dtype", self.dtype, DTYPE_CHOICES)
         if self.quantize is not None:
             one_of("quantize", self.quantize, QUANTIZE_BITS)
-        for name in ("steps", "prompts_per_step", "max_new_tokens", "lora_rank", "sgrpo_k",
-                     "tspmo_max_pairs", "eval_limit", "save_every", "samples_count"):
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "lora_rank",
+                     "updates_per_rollout", "eval_limit", "save_every", "samples_count"):
             at_least(name, getattr(self, name), 1)
         if self.microbatch_rows is not None:
             at_least("microbatch_rows", self.microbatch_rows, 1)
@@ -208,24 +206,48 @@ class TrainConfig:
             if isinstance(value, int) and not isinstance(value, bool):
                 at_most(f.name, value, INT_MAX)
         for name in ("seed", "warmup_steps", "weight_decay", "grad_clip", "beta", "format_reward",
-                     "sgrpo_alpha", "tspmo_replay", "eval_every", "samples_every"):
+                     "clip_epsilon", "eval_every", "samples_every"):
             at_least(name, getattr(self, name), 0)
+        if self.clip_epsilon_high is not None:
+            at_least("clip_epsilon_high", self.clip_epsilon_high, self.clip_epsilon)
         # Sampling at temperature 0 is greedy: every completion of a group would be the same.
         for name in ("temperature", "top_p", "lr", "lora_scale"):
             above(name, getattr(self, name), 0)
         at_most("top_p", self.top_p, 1)
-        at_most("sgrpo_p", self.sgrpo_p, 1)
-        at_least("sgrpo_p", self.sgrpo_p, 0)
         require(self.group_size >= 2, f"--group-size must be at least 2 (advantages compare a "
                                       f"group), not {self.group_size}")
         require(self.lora_layers == -1 or self.lora_layers >= 1,
                 f"--lora-layers must be -1 (all) or at least 1, not {self.lora_layers}")
         require(self.lora_keys is None or len(self.lora_keys) > 0, "--lora-keys names no module")
-        require(self.sgrpo_alpha <= self.sgrpo_k, "--sgrpo-alpha must not exceed --sgrpo-k")
-        require(self.algo != "s-grpo" or self.sgrpo_alpha > 0 or self.sgrpo_p > 0,
-                "--sgrpo-alpha 0 with --sgrpo-p 0 puts no token in the S-GRPO loss")
+        for _, option in algorithm_options():  # ranges declared with each option
+            value = getattr(self, option.name)
+            if option.at_least is not None:
+                at_least(option.name, value, option.at_least)
+            if option.above is not None:
+                above(option.name, value, option.above)
+            if option.at_most is not None:
+                at_most(option.name, value, option.at_most)
+        for algorithm in ALGORITHMS.values():
+            problem = algorithm.check(self)
+            require(problem is None, problem)
         output_dir("out", self.out)
         trackers_installed(self.report_to or [])
+
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip: --clip-epsilon-high, else --clip-epsilon."""
+        return self.clip_epsilon if self.clip_epsilon_high is None else self.clip_epsilon_high
+
+
+# Each algorithm's options (algorithms/) are fields of their own, after the run's settings.
+TrainConfig = make_dataclass(
+    "TrainConfig", [(option.name, option.kind, field(default=option.default))
+                    for _, option in algorithm_options()],
+    bases=(RunSettings,))
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = """Every setting of a training run, in one dataclass: the CLI's options, the YAML
+config file's keys and the library's arguments are all generated from it."""
 
 
 # ---- range checks, shared with the CLI's own options ------------------------------------

@@ -1,8 +1,9 @@
-"""One policy-gradient loss for all three algorithms, computed only where it is needed.
+"""One policy-gradient loss for every algorithm, computed only where it is needed.
 
     L = -sum_s w_s * A_s * log pi(y_s | context_s)   (+ beta * sum_s w_s * k3_s)
 
-over selected tokens s, with normalisation weights w_s from `normalisation_weights`. The
+over selected tokens s, with normalisation weights w_s from `normalisation_weights`; with
+several updates per rollout batch, log pi enters through PPO's clipped ratio (`policy_loss`). The
 transformer runs only up to each row's last selected position (rows are cropped), and the
 model's own output head + log-softmax are applied to the selected positions' hidden states
 only, so an S-GRPO / T-SPMO step never materialises full-vocabulary logits for every position.
@@ -22,6 +23,7 @@ import contextlib
 import copy
 from dataclasses import dataclass, fields
 from functools import partial
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -62,6 +64,8 @@ class MicroBatch:
     advantages: mx.array  # (S,) float32
     weights: mx.array  # (S,) float32, 0 on padding
     ref_logprobs: mx.array | None = None  # (S,) under the base model, for the KL term
+    # (S,) under the policy before the step's first update: that update's own (trainer)
+    old_logprobs: mx.array | None = None
 
     @property
     def positions(self) -> int:
@@ -446,14 +450,41 @@ def checkpoint_blocks(model):
     block.__call__ = checkpointed
 
 
-def policy_loss(model, batch: MicroBatch, beta: float = 0.0) -> mx.array:
+@dataclass(frozen=True)
+class ClipRange:
+    """PPO's clip of the ratio pi / pi_old to [1 - low, 1 + high]."""
+    low: float = 0.2
+    high: float = 0.2
+
+
+def clipped_objective(ratio, advantages, clip: ClipRange):
+    """PPO's per-token objective min(r A, clip(r) A): where the clip holds it (A > 0 and
+    r > 1 + high, or A < 0 and r < 1 - low) it is a constant, with no gradient; elsewhere
+    r A. Written with `where`, not `minimum`, so that at r = 1 the gradient is A's exactly."""
+    unclipped = ratio * advantages
+    clipped = mx.clip(ratio, 1 - clip.low, 1 + clip.high) * advantages
+    return mx.where(unclipped <= clipped, unclipped, clipped)
+
+
+def policy_loss(model, batch: MicroBatch, beta: float = 0.0, clip: ClipRange = ClipRange(),
+                fresh=True):
+    """(loss, log-probs at the selected tokens).
+
+    The policy term is -sum w * (A * old + (min(r A, clip(r) A) - A)) with r = pi / pi_old:
+    its gradient is PPO's clipped surrogate's, and its value is the plain policy-gradient
+    loss -sum w A log pi when r = 1, so a step's first update (`fresh`: old = its own
+    log-probs, without gradient) has today's loss and gradient exactly and the logged loss
+    keeps its meaning. Later updates read `batch.old_logprobs`."""
     logp = selected_logprobs(model, batch)
-    loss = -(batch.weights * batch.advantages * logp).sum()
+    old = mx.where(fresh, mx.stop_gradient(logp), batch.old_logprobs)
+    ratio = mx.exp(logp - old)
+    surrogate = clipped_objective(ratio, batch.advantages, clip) - batch.advantages
+    loss = -(batch.weights * batch.advantages * old).sum() - (batch.weights * surrogate).sum()
     if beta > 0:
         # k3 estimator of KL(pi || pi_ref) on the selected tokens.
         log_ratio = batch.ref_logprobs - logp
         loss = loss + beta * (batch.weights * (mx.exp(log_ratio) - log_ratio - 1)).sum()
-    return loss
+    return loss, logp
 
 
 @contextlib.contextmanager
@@ -477,12 +508,20 @@ def attach_ref_logprobs(model, batches):
             mx.eval(batch.ref_logprobs)
 
 
-def make_loss_and_grad(model, beta: float = 0.0, compile: bool = True):
-    """Return f(batch) -> (loss, grads of the trainable parameters)."""
+class LossAndGrads(NamedTuple):
+    loss: mx.array
+    grads: dict  # of the trainable parameters
+    logprobs: mx.array  # (S,) at the batch's selected tokens, without gradient
+
+
+def make_loss_and_grad(model, beta: float = 0.0, compile: bool = True,
+                       clip: ClipRange = ClipRange()):
+    """Return f(batch) -> LossAndGrads. A batch without `old_logprobs` is a step's first
+    update: its own log-probs are the old policy's."""
     names = [f.name for f in fields(MicroBatch)]
 
-    def loss_fn(*arrays):
-        return policy_loss(model, MicroBatch(**dict(zip(names, arrays))), beta)
+    def loss_fn(fresh, *arrays):
+        return policy_loss(model, MicroBatch(**dict(zip(names, arrays))), beta, clip, fresh)
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
     if compile:
@@ -490,8 +529,14 @@ def make_loss_and_grad(model, beta: float = 0.0, compile: bool = True):
         # state as both input and output so the compiled graph leaves it intact.
         value_and_grad = partial(mx.compile, inputs=model.state, outputs=model.state)(value_and_grad)
 
-    def step(batch: MicroBatch):
-        ref = batch.ref_logprobs if batch.ref_logprobs is not None else mx.zeros_like(batch.weights)
-        return value_and_grad(*(getattr(batch, name) for name in names[:-1]), ref)
+    def step(batch: MicroBatch) -> LossAndGrads:
+        # Absent optional arrays are passed as zeros, so one compiled graph serves all.
+        given = {name: getattr(batch, name) for name in names}
+        for name in ("ref_logprobs", "old_logprobs"):
+            if given[name] is None:
+                given[name] = mx.zeros_like(batch.weights)
+        (loss, logprobs), grads = value_and_grad(mx.array(batch.old_logprobs is None),
+                                                 *given.values())
+        return LossAndGrads(loss, grads, mx.stop_gradient(logprobs))
 
     return step

@@ -24,7 +24,7 @@ from .cpu_kernels import cpu_kernels
 from .messages import first_line
 from .models import ModelLoadError, model_type
 from .rounding import in_float32, judge, logprobs, own_rounding, settle
-from .sampling import advance_keys, row_keys, sample_tokens
+from .sampling import advance_keys, row_keys, sample_tokens, token_stats
 
 # Drop finished rows once at least this share of the batch has finished: compaction copies
 # the KV cache, so doing it for every single finished row would cost more than it saves.
@@ -45,6 +45,10 @@ class Completion:
     truncated: bool  # hit max_new_tokens before EOS
     text: str = ""  # decoded without the EOS token
     reward: float = 0.0
+    # With `token_stats`, per token: its log-prob and the entropy at its position under the
+    # model's own distribution (sampling.token_stats)
+    logprobs: list | None = None
+    entropies: list | None = None
 
 
 def _left_pad(sequences, pad_id: int = 0):
@@ -127,16 +131,24 @@ def check_batched_rollouts(model):
            "attention that misreads left padding")
 
 
+@dataclass
+class Generated:
+    tokens: list  # per row, the sampled ids
+    truncated: list  # per row, hit its budget before EOS
+    stats: list | None = None  # per row, per token: (log-prob, entropy) (sampling.token_stats)
+
+
 def generate_tokens(model, prompt_tokens, group_size: int, params: SamplingParams,
-                    eos_ids, seeds, budgets=None):
-    """Sample `group_size` completions per prompt; returns (tokens, truncated) per row.
-    `budgets` caps each prompt's completions below `params.max_new_tokens`."""
+                    eos_ids, seeds, budgets=None, token_stats=False) -> Generated:
+    """Sample `group_size` completions per prompt. `budgets` caps each prompt's completions
+    below `params.max_new_tokens`; `token_stats` records each token's log-prob and entropy."""
     with cpu_kernels(model):
         return _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds,
-                                budgets)
+                                budgets, token_stats)
 
 
-def _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds, budgets):
+def _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds, budgets,
+                     record_stats):
     num_rows = len(prompt_tokens) * group_size
     budgets = [params.max_new_tokens] * len(prompt_tokens) if budgets is None else budgets
     row_budget = np.repeat(np.minimum(budgets, params.max_new_tokens), group_size)
@@ -149,14 +161,21 @@ def _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds, b
     eos = np.array(sorted(eos_ids), dtype=np.int64)
     active = np.arange(num_rows)  # global row id of each batch row, in batch order
     produced = [[] for _ in range(num_rows)]
+    recorded = [[] for _ in range(num_rows)]
     finished = np.zeros(num_rows, dtype=bool)
     ended = np.zeros(num_rows, dtype=bool)  # by EOS, not by the budget
 
     def sample(logits, keys):
-        return sample_tokens(logits, keys, params.temperature, params.top_p)
+        """The next tokens (and their stats, or None), queued."""
+        tokens = sample_tokens(logits, keys, params.temperature, params.top_p)
+        if not record_stats:
+            mx.async_eval(tokens)
+            return tokens, None
+        stats = token_stats(logits, tokens)
+        mx.async_eval(tokens, stats)
+        return tokens, stats
 
-    tokens = sample(logits, keys)
-    mx.async_eval(tokens)
+    tokens, stats = sample(logits, keys)
     longest = int(row_budget.max())
     for step in range(longest):
         last_step = step == longest - 1
@@ -165,12 +184,13 @@ def _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds, b
             # overlaps with the model's compute on a GPU (on the CPU the sampler reads the
             # logits in numpy, so the step has run by now; the bookkeeping is microseconds).
             keys = advance_keys(keys)
-            next_tokens = sample(model(tokens[:, None], cache=cache)[:, -1, :], keys)
-            mx.async_eval(next_tokens)
+            next_tokens, next_stats = sample(model(tokens[:, None], cache=cache)[:, -1, :], keys)
         host = np.array(tokens)
-        for row, token in zip(active, host):
+        host_stats = np.array(stats).tolist() if record_stats else [None] * len(host)
+        for row, token, row_stats in zip(active, host, host_stats):
             if not finished[row]:
                 produced[row].append(int(token))
+                recorded[row].append(row_stats)
         eos_now = np.isin(host, eos) & ~finished[active]
         ended[active[eos_now]] = True
         finished[active[eos_now | (step + 1 >= row_budget[active])]] = True
@@ -181,14 +201,15 @@ def _generate_tokens(model, prompt_tokens, group_size, params, eos_ids, seeds, b
             keep = mx.array(np.flatnonzero(still))
             _keep_rows(cache, keep)
             next_tokens, keys = next_tokens[keep], keys[keep]
+            next_stats = next_stats[keep] if record_stats else None
             active = active[still]
-        tokens = next_tokens
+        tokens, stats = next_tokens, next_stats
     truncated = [not ended[row] for row in range(num_rows)]
-    return produced, truncated
+    return Generated(produced, truncated, recorded if record_stats else None)
 
 
 def rollout(model, tokenizer, prompt_tokens, group_size: int, params: SamplingParams,
-            seeds, answers=None, reward_fn=None, prefixes=None, budgets=None):
+            seeds, answers=None, reward_fn=None, prefixes=None, budgets=None, token_stats=False):
     """Sample G completions for each prompt (token ids), decode and score them.
 
     Returns a prompt-major list of `Completion`s: rows g*G .. g*G+G-1 belong to prompt g.
@@ -202,13 +223,16 @@ def rollout(model, tokenizer, prompt_tokens, group_size: int, params: SamplingPa
     prefixes = prefixes or [[] for _ in prompt_tokens]
     contexts = [list(p) + list(q) for p, q in zip(prompt_tokens, prefixes)]
     eos_ids = set(tokenizer.eos_token_ids)
-    produced, truncated = generate_tokens(model, contexts, group_size, params, eos_ids, seeds,
-                                          budgets)
+    generated = generate_tokens(model, contexts, group_size, params, eos_ids, seeds, budgets,
+                                token_stats)
     completions = []
-    for row, (tokens, cut) in enumerate(zip(produced, truncated)):
+    for row, (tokens, cut) in enumerate(zip(generated.tokens, generated.truncated)):
         prompt = row // group_size
         body = tokens if cut else tokens[:-1]
         completion = Completion(prompt, tokens, cut, tokenizer.decode(list(prefixes[prompt]) + body))
+        if generated.stats is not None:
+            completion.logprobs = [logprob for logprob, _ in generated.stats[row]]
+            completion.entropies = [entropy for _, entropy in generated.stats[row]]
         if reward_fn is not None:
             completion.reward = float(reward_fn(completion.text, answers[prompt]))
         completions.append(completion)

@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .algorithms.base import Selection
 from .tasks import Example
 
 
@@ -23,7 +24,7 @@ class SelectedGroup:
     position: int  # the prompt's place in the step's batch
     example: Example
     completions: list  # its G rollout.Completion
-    selection: list  # (row, position, advantage) triples; row indexes `completions`
+    selection: Selection  # rows index `completions`
 
 
 @dataclass

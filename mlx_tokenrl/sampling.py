@@ -15,6 +15,7 @@ samples depends on its seed only.
 """
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.sample_utils import apply_top_p
 
@@ -45,6 +46,16 @@ def sample_tokens(logits: mx.array, keys: mx.array, temperature: float,
     if mx.default_device() == mx.cpu:
         return mx.array(inverse_cdf_numpy(np.asarray(scaled), np.asarray(uniforms)))
     return inverse_cdf(scaled, uniforms)
+
+
+def token_stats(logits: mx.array, tokens: mx.array) -> mx.array:
+    """(rows, 2): the log-prob of each row's sampled token and the entropy of its row, under
+    the model's own distribution (temperature 1, no top-p), which is the policy the loss's
+    log-probs and ratio read, not the tempered one the token was drawn from."""
+    logp = nn.log_softmax(logits.astype(mx.float32), axis=-1)
+    chosen = mx.take_along_axis(logp, tokens[:, None].astype(mx.int32), axis=-1)[:, 0]
+    entropy = -(mx.exp(logp) * logp).sum(axis=-1)
+    return mx.stack([chosen, entropy], axis=1)
 
 
 def inverse_cdf(scaled: mx.array, uniforms: mx.array) -> mx.array:

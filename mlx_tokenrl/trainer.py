@@ -15,8 +15,9 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, astuple, dataclass, fields, replace
+from dataclasses import asdict, astuple, dataclass, field, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -27,7 +28,7 @@ from .checkpoint import (atomic_write_bytes, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .distributed import World, as_world, init_world, start_timeout
 from .evaluate import evaluate, summary_from_counts
-from .loss import (LossRow, attach_ref_logprobs, check_selected_logprobs, checkpoint_blocks,
+from .loss import (ClipRange, LossRow, attach_ref_logprobs, check_selected_logprobs, checkpoint_blocks,
                    make_loss_and_grad, make_microbatches, normalisation_weights)
 from .config import ConfigError, TrainConfig, config_from_dict
 from .models import (add_lora, check_adapter_files, init_from_adapter, load_model, lora_config,
@@ -35,12 +36,12 @@ from .models import (add_lora, check_adapter_files, init_from_adapter, load_mode
 from .memory import (budget_bytes, check_run_fits, mlx_peak_bytes, planned_rows, reset_peak,
                      resident_peak_bytes, start_run_peak)
 from .messages import warn_once
-from .replay import replay_step
 from .rewards import weighted, with_format_bonus
 from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout
 from .samples import SampleLog, SelectedGroup
 from .seeds import DATA_ORDER, SAMPLING, SELECTION, derived_rng, derived_seed
-from .selection import NORMALISED_OVER, grpo_selection, has_signal, sgrpo_selection, tspmo_selection
+from .algorithms import ALGORITHMS
+from .algorithms.base import GroupRecord, Selection, has_signal
 from .sync import broadcast_training_state, check_configs_agree, check_inputs_agree, ensure_ranks_agree
 from .tasks import one_file_for_both_splits, task_from_config
 from .tracking import Tracker, start_tracker
@@ -64,37 +65,42 @@ def shard(items, rank: int, world: int):
 
 # ---- selection ------------------------------------------------------------------------
 
-def select_group(cfg: TrainConfig, completions, rewards, rng):
-    scale = cfg.scale_rewards == "group"
-    if cfg.algo == "grpo":
-        return grpo_selection(completions, rewards, scale)
-    if cfg.algo == "s-grpo":
-        return sgrpo_selection(completions, rewards, cfg.sgrpo_alpha, cfg.sgrpo_k, cfg.sgrpo_p,
-                               rng, scale)
-    return tspmo_selection(completions, rewards, cfg.tspmo_max_pairs, rng)
-
-
 def group_rng(cfg: TrainConfig, step: int, position: int):
     """Selection randomness of one group: fixed by (seed, step, prompt position), not rank."""
     return derived_rng(cfg.seed, SELECTION, step, position)
 
 
-def add_groups(cfg, groups, contexts, rngs, loss_rows, triples, first_group: int = 0,
+def group_record(context, completions) -> GroupRecord:
+    recorded = completions[0].entropies is not None  # (rollout's token_stats: all or none)
+    return GroupRecord(context, [c.tokens for c in completions], [c.reward for c in completions],
+                       [c.logprobs for c in completions] if recorded else None,
+                       [c.entropies for c in completions] if recorded else None)
+
+
+@dataclass
+class LossInput:
+    """What a step's loss reads: its rows and the tokens selected in them."""
+    rows: list = field(default_factory=list)  # of loss.LossRow
+    selection: Selection = field(default_factory=Selection)  # rows index `rows`
+
+
+def add_groups(cfg, groups, contexts, rngs, into: LossInput, first_group: int = 0,
                selections=None):
-    """Select within each group (with its own rng) and append its rows and triples; loss
-    rows remember their group (numbered from `first_group`) for T-SPMO's normalisation.
-    `selections`, if given, gets each group's triples with rows counted within the group."""
+    """Select within each group (with its own rng) and append its rows and tokens to `into`;
+    loss rows remember their group (numbered from `first_group`) for a per-group norm.
+    `selections`, if given, gets each group's Selection, rows counted within the group."""
+    algorithm = ALGORITHMS[cfg.algo]
     signal = 0
     for number, (context, group, rng) in enumerate(zip(contexts, groups, rngs), first_group):
-        rewards = [c.reward for c in group]
-        signal += has_signal(rewards)
-        chosen = select_group(cfg, [c.tokens for c in group], rewards, rng)
+        record = group_record(context, group)
+        signal += has_signal(record.rewards)
+        chosen = algorithm.select(record, cfg, rng)
         if selections is not None:
             selections.append(chosen)
-        used = sorted({row for row, _, _ in chosen})
-        row_id = {row: len(loss_rows) + i for i, row in enumerate(used)}
-        loss_rows += [LossRow(context, group[row].tokens, number) for row in used]
-        triples += [(row_id[row], pos, adv) for row, pos, adv in chosen]
+        used = sorted(set(chosen.rows))
+        row_id = {row: len(into.rows) + i for i, row in enumerate(used)}
+        into.rows += [LossRow(context, group[row].tokens, number) for row in used]
+        into.selection.extend(chosen, row_id.__getitem__)
     return signal
 
 
@@ -105,20 +111,30 @@ def no_phase(name: str):
     replay, loss, eval n/N)."""
 
 
+@dataclass
+class StepRollout:
+    """A rank's rollouts of a step, selected: the loss's input and what to report."""
+    loss: LossInput
+    stats: dict
+
+
 def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, positions=None,
-                       world=None, on_phase=no_phase, on_selected=None):
-    """Rollouts for this rank's prompts (+ T-SPMO's replay), then selection. No gradients yet.
+                       world=None, on_phase=no_phase, on_selected=None) -> StepRollout:
+    """Rollouts for this rank's prompts (+ the algorithm's replay), then selection. No
+    gradients yet.
 
     `indices` are the example indices of this rank's prompts, `positions` their places in
     the step's batch (default: 0..len-1, one process)."""
     world = as_world(world)
+    algorithm = ALGORITHMS[cfg.algo]
     positions = list(range(len(indices))) if positions is None else list(positions)
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     prompts = encode_prompts(tokenizer, [task.prompt(tokenizer, examples[i].question)
                                          for i in indices])
     answers = [examples[i].answer for i in indices]
     seeds = [derived_seed(cfg.seed, SAMPLING, step, i) for i in indices]
-    completions = rollout(model, tokenizer, prompts, cfg.group_size, params, seeds) if indices else []
+    completions = (rollout(model, tokenizer, prompts, cfg.group_size, params, seeds,
+                           token_stats=algorithm.needs_token_stats) if indices else [])
     # Scored here, not in rollout, to keep each reward function's own score.
     reward = weighted(task.reward)
     scores = [reward.scores(c.text, answers[c.prompt_index]) for c in completions]
@@ -126,10 +142,10 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
         completion.reward = reward.total(score)
     G = cfg.group_size
     groups = [completions[g * G:(g + 1) * G] for g in range(len(indices))]
-    loss_rows, triples = [], []
+    loss = LossInput()
     selections = []
     signal = add_groups(cfg, groups, prompts, [group_rng(cfg, step, p) for p in positions],
-                        loss_rows, triples, selections=selections)
+                        loss, selections=selections)
     if on_selected:  # samples.py: the step's own groups and what the loss takes from them
         on_selected([SelectedGroup(p, examples[i], group, chosen) for p, i, group, chosen
                      in zip(positions, indices, groups, selections)])
@@ -145,15 +161,15 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
              "groups_with_solved_signal": sum(has_signal(s) for s in solved),
              "completions": len(completions), "replay_groups": 0}
 
-    if cfg.algo == "t-spmo" and cfg.tspmo_replay > 0:
+    if algorithm.replay is not None:
         on_phase("replay")
-        replayed = replay_step(model, tokenizer, task, cfg, step, world, groups, solved, prompts,
-                               answers, indices, positions)
+        replayed = algorithm.replay(model, tokenizer, task, cfg, step, world, groups, solved,
+                                    prompts, answers, indices, positions)
         add_groups(cfg, [r.completions for r in replayed], [r.context for r in replayed],
-                   [r.rng for r in replayed], loss_rows, triples, first_group=len(groups))
+                   [r.rng for r in replayed], loss, first_group=len(groups))
         stats["replay_groups"] = len(replayed)
         stats["lengths"] += [len(c.tokens) for r in replayed for c in r.completions]
-    return loss_rows, triples, stats
+    return StepRollout(loss, stats)
 
 
 @dataclass
@@ -165,30 +181,87 @@ class StepTotals:
 
 
 def loss_units(cfg: TrainConfig, totals: StepTotals, loss_rows):
-    """`--loss-norm sequence` averages over completions or groups (selection.NORMALISED_OVER):
-    how many there are in the step, and the unit of each loss row (None: the row itself)."""
-    if NORMALISED_OVER[cfg.algo] == "group":
+    """`--loss-norm sequence` averages over completions or groups (the algorithm's
+    `normalised_over`): how many there are in the step, and the unit of each loss row (None:
+    the row itself)."""
+    if ALGORITHMS[cfg.algo].normalised_over == "group":
         return int(totals.groups), [row.group for row in loss_rows]
     return int(totals.completions), None
 
 
-def loss_and_grads(model, loss_and_grad, cfg, loss_rows, triples, totals: StepTotals):
-    """Sum of microbatch losses and gradients; weights already carry global normalisers."""
-    num_units, unit_of_row = loss_units(cfg, totals, loss_rows)
-    weights = normalisation_weights(triples, cfg.loss_norm, num_units, int(totals.selected),
-                                    unit_of_row)
-    rows = cfg.microbatch_rows or planned_rows(model, loss_and_grad, loss_rows, triples,
+def step_microbatches(model, loss_and_grad, cfg, loss: LossInput, totals: StepTotals) -> list:
+    """The step's loss microbatches, weights carrying the global normalisers (and the
+    reference log-probs with --beta): made once, read by every update of the step."""
+    num_units, unit_of_row = loss_units(cfg, totals, loss.rows)
+    weights = normalisation_weights(loss.selection, cfg.loss_norm, num_units,
+                                    int(totals.selected), unit_of_row)
+    rows = cfg.microbatch_rows or planned_rows(model, loss_and_grad, loss.rows, loss.selection,
                                                 budget_bytes(cfg.max_memory), cfg.max_new_tokens)
-    batches = make_microbatches(loss_rows, triples, weights, rows)
+    batches = make_microbatches(loss.rows, loss.selection, weights, rows)
     if cfg.beta > 0:
         attach_ref_logprobs(model, batches)
-    loss, grads = mx.array(0.0), None
+    return batches
+
+
+@dataclass
+class RatioStats:
+    """The ratio pi / pi_old at the selected tokens of one update's forward (this rank)."""
+    tokens: float = 0.0
+    ratio_sum: float = 0.0
+    ratio_min: float = math.inf
+    ratio_max: float = -math.inf
+    clipped: float = 0.0  # tokens where the clip holds the objective (no gradient)
+    kl_sum: float = 0.0  # k3 estimate of KL(old || new): (r - 1) - log r
+
+    def add(self, batch, logprobs, low: float, high: float):
+        real = np.array(batch.weights) > 0
+        log_ratio = (np.array(logprobs, dtype=np.float64)
+                     - np.array(batch.old_logprobs, dtype=np.float64))[real]
+        ratio = np.exp(log_ratio)
+        advantage = np.array(batch.advantages, dtype=np.float64)[real]
+        self.tokens += real.sum()
+        self.ratio_sum += ratio.sum()
+        self.ratio_min = min(self.ratio_min, ratio.min(initial=math.inf))
+        self.ratio_max = max(self.ratio_max, ratio.max(initial=-math.inf))
+        self.clipped += (((advantage > 0) & (ratio > 1 + high))
+                         | ((advantage < 0) & (ratio < 1 - low))).sum()
+        self.kl_sum += (ratio - 1 - log_ratio).sum()
+
+    @staticmethod
+    def combined(parts) -> "RatioStats":
+        parts = list(parts)
+        return RatioStats(tokens=sum(p.tokens for p in parts),
+                          ratio_sum=sum(p.ratio_sum for p in parts),
+                          ratio_min=min((p.ratio_min for p in parts), default=math.inf),
+                          ratio_max=max((p.ratio_max for p in parts), default=-math.inf),
+                          clipped=sum(p.clipped for p in parts), kl_sum=sum(p.kl_sum for p in parts))
+
+
+class UpdateGrads(NamedTuple):
+    loss: mx.array
+    grads: dict
+    ratios: RatioStats
+
+
+def update_grads(loss_and_grad, cfg, batches) -> UpdateGrads:
+    """Sum of the microbatches' losses and gradients at the current weights. The first update
+    of a step records each microbatch's log-probs as the old policy's (its ratio is 1)."""
+    loss, grads, ratios = mx.array(0.0), None, RatioStats()
     for batch in batches:
-        batch_loss, batch_grads = loss_and_grad(batch)
-        loss = loss + batch_loss
-        grads = batch_grads if grads is None else tree_map(mx.add, grads, batch_grads)
-        mx.eval(loss, grads)
-    return loss, grads
+        out = loss_and_grad(batch)
+        if batch.old_logprobs is None:
+            batch.old_logprobs = mx.stop_gradient(out.logprobs)
+        loss = loss + out.loss
+        grads = out.grads if grads is None else tree_map(mx.add, grads, out.grads)
+        mx.eval(loss, grads, batch.old_logprobs, out.logprobs)
+        ratios.add(batch, out.logprobs, cfg.clip_epsilon, cfg.clip_high)
+    return UpdateGrads(loss, grads, ratios)
+
+
+def loss_and_grads(model, loss_and_grad, cfg, loss: LossInput, totals: StepTotals) -> UpdateGrads:
+    """A step's first update: its microbatches made, then their summed loss and gradients."""
+    return update_grads(loss_and_grad, cfg, step_microbatches(model, loss_and_grad, cfg, loss,
+                                                              totals))
 
 
 def zero_grads(model):
@@ -215,6 +288,95 @@ def apply_update(model, optimizer, grads, clip: float, step: int):
     optimizer.update(model, clipped)
     mx.eval(model.trainable_parameters(), optimizer.state)
     return norm, False
+
+
+def no_grads(model) -> UpdateGrads:
+    """A rank without selected tokens: zero gradients for the all-reduce."""
+    return UpdateGrads(mx.array(0.0), zero_grads(model), RatioStats())
+
+
+def training_state(model, optimizer):
+    """The adapter's weights and the optimizer's state, by reference: an update replaces
+    MLX arrays rather than changing them, so holding them costs no copy."""
+    return model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
+
+
+def restore_training_state(model, optimizer, state):
+    weights, optimizer_state = state
+    model.update(weights)
+    optimizer.state = optimizer_state
+
+
+@dataclass
+class UpdatesDone:
+    """What a step's updates did (over all ranks)."""
+    applied: int = 0
+    grad_norm: float = 0.0  # the first update's
+    skipped: bool = False  # an update found a NaN/inf and was not applied
+    ratios: RatioStats = field(default_factory=RatioStats)  # over updates 2..N
+    allreduce_bytes: int = 0
+    allreduce_s: float = 0.0
+    update_s: float = 0.0
+    more_updates_s: float = 0.0  # the forwards and backwards of updates 2..N
+
+    def ratio_metrics(self) -> dict:
+        """Ratio pi / pi_old at the selected tokens of updates 2..N's forwards (with one
+        update, or none selected: 1, and nothing clipped)."""
+        r = self.ratios
+        seen = r.tokens > 0
+        return {"updates": self.applied,
+                "ratio_mean": r.ratio_sum / r.tokens if seen else 1.0,
+                "ratio_min": r.ratio_min if seen else 1.0,
+                "ratio_max": r.ratio_max if seen else 1.0,
+                "clip_fraction": r.clipped / r.tokens if seen else 0.0,
+                "approx_kl": r.kl_sum / r.tokens if seen else 0.0}
+
+
+def gathered_ratios(world: World, mine: RatioStats, step: int) -> RatioStats:
+    if world.size() == 1:
+        return mine
+    table = world.gather(list(astuple(mine)), f"the ratio statistics of step {step + 1}")
+    return RatioStats.combined(RatioStats(*map(float, row))
+                               for row in table.reshape(-1, len(fields(RatioStats))))
+
+
+def apply_updates(model, optimizer, loss_and_grad, cfg, world, batches, first: UpdateGrads,
+                  totals: StepTotals, first_loss: float, step: int) -> UpdatesDone:
+    """--updates-per-rollout updates from one rollout batch: the first from `first` (its
+    loss summed over ranks is `first_loss`), each later one from a new forward and backward
+    of the same microbatches. Gradients are summed over ranks before each update, every
+    rank applies the same one, and all use the step's learning rate (the schedule counts
+    steps, not updates: --steps and --warmup-steps keep their meaning at any N)."""
+    done = UpdatesDone()
+    if totals.selected == 0:
+        return done  # no group carried signal anywhere: nothing to learn
+    if not math.isfinite(first_loss):
+        done.grad_norm, done.skipped = float("nan"), True  # never let a NaN/inf reach the adapter
+        return done
+    grads, later_ratios = first.grads, []
+    for update in range(cfg.updates_per_rollout):
+        if update > 0:
+            t0 = time.perf_counter()
+            later = update_grads(loss_and_grad, cfg, batches) if batches else no_grads(model)
+            grads = later.grads
+            later_ratios.append(later.ratios)
+            done.more_updates_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if world.size() > 1:
+            done.allreduce_bytes += gradient_bytes(model)
+            grads = world.sum_tree(grads, f"the gradient all-reduce of update {update + 1} of "
+                                          f"step {step + 1}")
+        t2 = time.perf_counter()
+        norm, skipped = apply_update(model, optimizer, grads, cfg.grad_clip, step)
+        done.allreduce_s += t2 - t1
+        done.update_s += time.perf_counter() - t2
+        if update == 0:
+            done.grad_norm = norm
+        done.skipped |= skipped
+        done.applied += not skipped
+    if cfg.updates_per_rollout > 1:
+        done.ratios = gathered_ratios(world, RatioStats.combined(later_ratios), step)
+    return done
 
 
 # ---- the run --------------------------------------------------------------------------
@@ -375,8 +537,9 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
              on_phase=no_phase, on_selected=None):
     """One step on this rank's shard; returns the step's metrics, aggregated over ranks.
 
-    Collectives: totals (after rollouts), one gather of every rank's numbers (after
-    loss+grad; it is also where ranks wait for the slowest), the gradient all-reduce."""
+    Collectives: totals (after rollouts), one gather of every rank's numbers (after the first
+    loss+grad; it is also where ranks wait for the slowest), the gradient all-reduce before
+    each update, and with several updates a gather of their ratio statistics."""
     world = as_world(world)
     rank, size = world.rank(), world.size()
     positions = shard(list(range(cfg.prompts_per_step)), rank, size)
@@ -385,28 +548,27 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
     reset_peak()
     t0 = time.perf_counter()
     on_phase("rollout")
-    loss_rows, triples, stats = rollout_and_select(model, tokenizer, task, cfg, step, task.train,
-                                                   indices, positions, world, on_phase,
-                                                   on_selected)
+    rolled = rollout_and_select(model, tokenizer, task, cfg, step, task.train, indices, positions,
+                                world, on_phase, on_selected)
+    stats = rolled.stats
     t1 = time.perf_counter()
     reset_peak()  # the loss's window
     mx.clear_cache()  # see train
-    totals = StepTotals(*world.sum(
-        [stats["completions"] + stats["replay_groups"] * cfg.group_size,
-         stats["groups"] + stats["replay_groups"], len(triples)],
-        f"the selection totals of step {step + 1}"))
+    summed = world.sum([stats["completions"] + stats["replay_groups"] * cfg.group_size,
+                        stats["groups"] + stats["replay_groups"], len(rolled.loss.selection)],
+                       f"the selection totals of step {step + 1}")
+    totals = StepTotals(completions=summed[0], groups=summed[1], selected=summed[2])
     t_totals = time.perf_counter() - t1
     on_phase("loss")
-    if triples:
-        loss, grads = loss_and_grads(model, loss_and_grad, cfg, loss_rows, triples, totals)
-    else:
-        loss, grads = mx.array(0.0), zero_grads(model)
+    batches = (step_microbatches(model, loss_and_grad, cfg, rolled.loss, totals)
+               if rolled.loss.selection else [])
+    first = update_grads(loss_and_grad, cfg, batches) if batches else no_grads(model)
     t2 = time.perf_counter()
     rewards = np.array(stats["rewards"], dtype=np.float64)
     ranks = gather_numbers(world, RankNumbers(
         reward_sum=rewards.sum(), reward_sq_sum=(rewards ** 2).sum(), samples=rewards.size,
         groups=stats["groups"], groups_with_signal=stats["groups_with_signal"],
-        generated_tokens=sum(stats["lengths"]), loss=float(loss), rollout_s=t1 - t0,
+        generated_tokens=sum(stats["lengths"]), loss=float(first.loss), rollout_s=t1 - t0,
         loss_s=t2 - t1 - t_totals, step_s=t2 - t0, loss_peak=mx.get_peak_memory(),
         mlx_peak=mlx_peak_bytes(), resident_peak=resident_peak_bytes() or 0,
         solved=stats["solved"], groups_with_solved_signal=stats["groups_with_solved_signal"],
@@ -414,21 +576,18 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         f"the metrics exchange of step {step + 1}")
     total = RankNumbers(*(sum(getattr(r, f.name) for r in ranks) for f in fields(RankNumbers)))
     n = max(total.samples, 1)
-    # Every collective of the step comes before the update: a failure or Ctrl-C after it
-    # would otherwise checkpoint step N with step N+1's weights, and resume would redo N+1.
     per_function = reward_means(world, stats["reward_sums"], n, step)
     t3 = time.perf_counter()
-    allreduce_bytes = 0
-    if totals.selected > 0 and size > 1 and math.isfinite(total.loss):
-        allreduce_bytes = gradient_bytes(model)
-        grads = world.sum_tree(grads, f"the gradient all-reduce of step {step + 1}")
-    t4 = time.perf_counter()
-    if totals.selected == 0:
-        grad_norm, skipped = 0.0, False  # no group carried signal anywhere: nothing to learn
-    elif not math.isfinite(total.loss):
-        grad_norm, skipped = float("nan"), True  # never let a NaN/inf reach the adapter
-    else:
-        grad_norm, skipped = apply_update(model, optimizer, grads, cfg.grad_clip, step)
+    # A step is a unit: an error or Ctrl-C during its updates (or their exchanges) puts back
+    # the weights and optimizer state it started from, so the checkpoint the trainer then
+    # saves is the previous step's, and a resume redoes this step whole.
+    before = training_state(model, optimizer)
+    try:
+        updates = apply_updates(model, optimizer, loss_and_grad, cfg, world, batches, first,
+                                totals, total.loss, step)
+    except BaseException:
+        restore_training_state(model, optimizer, before)
+        raise
     t5 = time.perf_counter()
     mean = total.reward_sum / n
     # Ranks meet at the metrics exchange, so the slowest rank's step is its time up to
@@ -446,13 +605,15 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         "selected_tokens": int(totals.selected),
         "generated_tokens": int(total.generated_tokens),
         "loss": total.loss,
-        "grad_norm": grad_norm,
-        "skipped": bool(skipped),
+        "grad_norm": updates.grad_norm,
+        "skipped": updates.skipped,
         "lr": float(lr_schedule(cfg)(step)),
+        **updates.ratio_metrics(),
         "rollout_s": max(r.rollout_s for r in ranks), "loss_s": max(r.loss_s for r in ranks),
-        "sync_s": (t3 - t2) + t_totals, "allreduce_s": t4 - t3, "update_s": t5 - t4,
+        "sync_s": (t3 - t2) + t_totals, "allreduce_s": updates.allreduce_s,
+        "update_s": updates.update_s, "more_updates_s": updates.more_updates_s,
         "step_s": step_s,
-        "ranks": size, "allreduce_bytes": allreduce_bytes,
+        "ranks": size, "allreduce_bytes": updates.allreduce_bytes,
         **peaks_gb(ranks),
         **per_function,
     }
@@ -523,7 +684,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
     if on_start:
         on_start(start)
     report_phase = on_phase if is_main else no_phase
-    loss_and_grad = make_loss_and_grad(model, cfg.beta, cfg.compile)
+    loss_and_grad = make_loss_and_grad(model, cfg.beta, cfg.compile,
+                                       ClipRange(cfg.clip_epsilon, cfg.clip_high))
     state = {"config": asdict(cfg)}
     done = start
     warned_truncation = False

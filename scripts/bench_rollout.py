@@ -67,8 +67,9 @@ def timed(fn):
 
 
 def ours(model, tokenizer, prompts, group, params, generate=generate_tokens):
-    produced, _ = generate(model, prompts, group, params, set(tokenizer.eos_token_ids),
-                           seeds=range(len(prompts)))
+    out = generate(model, prompts, group, params, set(tokenizer.eos_token_ids),
+                   seeds=range(len(prompts)))
+    produced = out.tokens if hasattr(out, "tokens") else out[0]  # (BEFORE's: a tuple)
     return sum(len(t) for t in produced)
 
 

@@ -102,7 +102,8 @@ def measure(model, variant, cfg, rows, triples, totals):
     mx.reset_peak_memory()
     start = time.perf_counter()
     with patch.object(trainer, "make_microbatches", recorded):
-        value, _ = trainer.loss_and_grads(model, loss_and_grad, cfg, rows, triples, totals)
+        value = trainer.loss_and_grads(model, loss_and_grad, cfg, trainer.LossInput(rows, triples),
+                                       totals).loss
     took = time.perf_counter() - start
     run = [positions(b) for b in batches]
     return {"loss_s": took, "peak_gb": mx.get_peak_memory() / 1e9,
@@ -110,10 +111,21 @@ def measure(model, variant, cfg, rows, triples, totals):
             "positions_run": sum(run), "largest_microbatch_positions": max(run)}
 
 
+def as_today(loss_and_grad):
+    """An older commit's loss step returned (loss, grads): give it today's result."""
+    def step(batch):
+        out = loss_and_grad(batch)
+        if isinstance(out, loss_module.LossAndGrads):
+            return out
+        return loss_module.LossAndGrads(*out, mx.zeros_like(batch.weights))
+
+    return step
+
+
 def bench_algo(cfg, task, steps, model, tokenizer, before, names):
     modules = {"shared": loss_module, "before": before}
     variants = {name: (modules[name].make_microbatches,
-                       modules[name].make_loss_and_grad(model, cfg.beta, cfg.compile))
+                       as_today(modules[name].make_loss_and_grad(model, cfg.beta, cfg.compile)))
                 for name in names}
     measured = {name: [] for name in variants}
     rollout_s, selected, prompt_tokens, shareable = [], [], [], []
@@ -121,11 +133,13 @@ def bench_algo(cfg, task, steps, model, tokenizer, before, names):
         start = time.perf_counter()
         indices = trainer.step_prompt_indices(len(task.train), step, cfg.prompts_per_step,
                                               cfg.seed)
-        rows, triples, stats = trainer.rollout_and_select(model, tokenizer, task, cfg, step,
-                                                          task.train, indices)
+        rolled = trainer.rollout_and_select(model, tokenizer, task, cfg, step, task.train,
+                                            indices)
         took = time.perf_counter() - start
-        totals = trainer.StepTotals(stats["completions"] + stats["replay_groups"] * cfg.group_size,
-                                    stats["groups"] + stats["replay_groups"], len(triples))
+        rows, triples, stats = rolled.loss.rows, rolled.loss.selection, rolled.stats
+        totals = trainer.StepTotals(
+            completions=stats["completions"] + stats["replay_groups"] * cfg.group_size,
+            groups=stats["groups"] + stats["replay_groups"], selected=len(triples))
         order = list(reversed(names)) if step % 2 else list(names)
         results = {name: measure(model, variants[name], cfg, rows, triples, totals)
                    for name in order}

@@ -56,17 +56,18 @@ def rank_gradients(model, cfg, contexts, groups, world_size):
     shards = []
     for rank in range(world_size):
         positions = trainer.shard(list(range(len(groups))), rank, world_size)
-        rows, triples = [], []
+        loss = trainer.LossInput()
         trainer.add_groups(cfg, [groups[p] for p in positions], [contexts[p] for p in positions],
-                           [trainer.group_rng(cfg, step, p) for p in positions], rows, triples)
-        shards.append((rows, triples, sum(len(groups[p]) for p in positions)))
-    totals = trainer.StepTotals(completions=sum(s[2] for s in shards), groups=len(groups),
-                                selected=sum(len(s[1]) for s in shards))
+                           [trainer.group_rng(cfg, step, p) for p in positions], loss)
+        shards.append((loss, sum(len(groups[p]) for p in positions)))
+    totals = trainer.StepTotals(completions=sum(s[1] for s in shards), groups=len(groups),
+                                selected=sum(len(s[0].selection) for s in shards))
     loss_and_grad = make_loss_and_grad(model, 0.0, compile=False)
     out = []
-    for rows, triples, _ in shards:
-        if triples:
-            out.append(trainer.loss_and_grads(model, loss_and_grad, cfg, rows, triples, totals))
+    for loss, _ in shards:
+        if loss.selection:
+            result = trainer.loss_and_grads(model, loss_and_grad, cfg, loss, totals)
+            out.append((result.loss, result.grads))
     return out
 
 

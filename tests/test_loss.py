@@ -67,7 +67,7 @@ def summed_loss_and_grads(model, batches, beta=0.0, compiled=True):
     step = make_loss_and_grad(model, beta=beta, compile=compiled)
     loss, grads = mx.array(0.0), None
     for batch in batches:
-        batch_loss, batch_grads = step(batch)
+        batch_loss, batch_grads, _ = step(batch)
         loss = loss + batch_loss
         grads = batch_grads if grads is None else tree_map(mx.add, grads, batch_grads)
     return loss, grads

@@ -329,7 +329,7 @@ def test_each_phase_starts_with_no_freed_buffers_kept(model_dir, tmp_path, monke
     evaluation starts with none kept."""
     kept = {}
     originals = {name: getattr(trainer, name) for name in
-                 ("rollout_and_select", "loss_and_grads", "run_eval", "evaluate")}
+                 ("rollout_and_select", "step_microbatches", "run_eval", "evaluate")}
 
     def watch(name, when):
         def wrapped(*args, **kwargs):
@@ -341,9 +341,9 @@ def test_each_phase_starts_with_no_freed_buffers_kept(model_dir, tmp_path, monke
             return out
         monkeypatch.setattr(trainer, name, wrapped)
 
-    for name in ("rollout_and_select", "loss_and_grads", "run_eval"):
+    for name in ("rollout_and_select", "step_microbatches", "run_eval"):
         watch(name, "before")
     watch("evaluate", "after")
     trainer.train(config(model_dir, tmp_path / "run", steps=2, eval_every=1, eval_limit=4))
     assert min(kept.pop("evaluate")) > 0  # phases do leave buffers to give back
-    assert kept == {"rollout_and_select": [0, 0], "loss_and_grads": [0, 0], "run_eval": [0, 0]}
+    assert kept == {"rollout_and_select": [0, 0], "step_microbatches": [0, 0], "run_eval": [0, 0]}

@@ -17,9 +17,9 @@ def completion(tokens, reward):
 
 def weighted_advantages(cfg, groups, contexts):
     """(context + prefix + token) -> weight x advantage, as the loss will use them."""
-    rows, triples = [], []
-    trainer.add_groups(cfg, groups, contexts, [np.random.default_rng(0) for _ in groups],
-                       rows, triples)
+    loss = trainer.LossInput()
+    trainer.add_groups(cfg, groups, contexts, [np.random.default_rng(0) for _ in groups], loss)
+    rows, triples = loss.rows, loss.selection
     totals = trainer.StepTotals(completions=sum(map(len, groups)), groups=len(groups),
                                 selected=len(triples))
     units, unit_of_row = trainer.loss_units(cfg, totals, rows)
@@ -79,14 +79,14 @@ def sample_groups(seed, num_groups=3, group_size=6):
 
 
 def step_loss_and_grads(model, cfg, contexts, groups, step=3):
-    rows, triples = [], []
+    loss = trainer.LossInput()
     trainer.add_groups(cfg, groups, contexts,
-                       [trainer.group_rng(cfg, step, p) for p in range(len(groups))], rows, triples)
+                       [trainer.group_rng(cfg, step, p) for p in range(len(groups))], loss)
     totals = trainer.StepTotals(completions=sum(map(len, groups)), groups=len(groups),
-                                selected=len(triples))
-    loss, grads = trainer.loss_and_grads(model, make_loss_and_grad(model, cfg.beta, compile=False),
-                                         cfg, rows, triples, totals)
-    return float(loss), dict(tree_flatten(grads))
+                                selected=len(loss.selection))
+    result = trainer.loss_and_grads(model, make_loss_and_grad(model, cfg.beta, compile=False),
+                                    cfg, loss, totals)
+    return float(result.loss), dict(tree_flatten(result.grads))
 
 
 @pytest.mark.parametrize("norm", ["sequence", "token"])

@@ -104,10 +104,10 @@ def test_replayed_groups_continue_a_solved_prefix_within_the_budget(model_and_to
             assert len(prefix) + len(c.tokens) <= cfg.max_new_tokens
             assert c.text.startswith(tok.decode(prefix)[:3])
     # The replayed groups go through the same selection and into the step's loss rows.
-    rows, triples = [], []
+    loss = trainer.LossInput()
     trainer.add_groups(cfg, [r.completions for r in replayed], [r.context for r in replayed],
-                       [r.rng for r in replayed], rows, triples, first_group=2)
-    assert all(row.group >= 2 for row in rows)
+                       [r.rng for r in replayed], loss, first_group=2)
+    assert all(row.group >= 2 for row in loss.rows)
 
 
 def test_replayed_groups_are_groups_of_their_own_in_the_loss(model_and_tokenizer, monkeypatch):
@@ -121,18 +121,19 @@ def test_replayed_groups_are_groups_of_their_own_in_the_loss(model_and_tokenizer
     prompts = {tuple(p) for p in encode_prompts(tok, [format_prompt(tok, e.question)
                                                       for e in task.train])}
     seen = {}
-    real_select, real_loss = trainer.rollout_and_select, trainer.loss_and_grads
+    real_select, real_loss = trainer.rollout_and_select, trainer.step_microbatches
 
     def select(*args, **kwargs):
-        seen["rows"], _, seen["stats"] = out = real_select(*args, **kwargs)
+        out = real_select(*args, **kwargs)
+        seen["rows"], seen["stats"] = out.loss.rows, out.stats
         return out
 
-    def loss(model, loss_and_grad, cfg, loss_rows, triples, totals):
+    def loss(model, loss_and_grad, cfg, loss, totals):
         seen["totals"] = totals
-        return real_loss(model, loss_and_grad, cfg, loss_rows, triples, totals)
+        return real_loss(model, loss_and_grad, cfg, loss, totals)
 
     monkeypatch.setattr(trainer, "rollout_and_select", select)
-    monkeypatch.setattr(trainer, "loss_and_grads", loss)
+    monkeypatch.setattr(trainer, "step_microbatches", loss)
     trainer.run_step(model, tok, task, cfg, World(), trainer.make_optimizer(cfg),
                      make_loss_and_grad(model, 0.0, compile=False), step=0)
     replays = seen["stats"]["replay_groups"]

@@ -373,7 +373,7 @@ def test_replay_cuts_only_what_the_first_function_solved(tiny, several, names, w
     task = Task("toy", examples, [], load_reward_fns(several(*names), weights))
     cfg = TrainConfig(algo="t-spmo", group_size=4, max_new_tokens=8, temperature=1.0,
                       tspmo_replay=2, prompts_per_step=2)
-    _, _, stats = rollout_and_select(model, tokenizer, task, cfg, 0, examples, [0, 1])
+    stats = rollout_and_select(model, tokenizer, task, cfg, 0, examples, [0, 1]).stats
     assert stats["replay_groups"] == (2 if replays else 0)
     assert stats["solved"] == (8 if replays else 0)
 

@@ -128,8 +128,8 @@ def test_other_families_greedy_matches_mlx_lm_with_compaction(model_type, monkey
                 for p in prompts]
     eos = expected[0][3]  # prompt 0's rows finish early and are dropped from the cache
     monkeypatch.setattr(rollout_module, "COMPACT_FRACTION", 0.0)
-    produced, _ = generate_tokens(model, prompts, 2, SamplingParams(temperature=0.0, max_new_tokens=8),
-                                  {eos}, seeds=[0, 0, 0])
+    produced = generate_tokens(model, prompts, 2, SamplingParams(temperature=0.0, max_new_tokens=8),
+                               {eos}, seeds=[0, 0, 0]).tokens
     for i, want in enumerate(expected):
         until_eos = want[:want.index(eos) + 1] if eos in want else want
         assert produced[2 * i] == until_eos == produced[2 * i + 1]

@@ -8,7 +8,8 @@ from transformers import AutoTokenizer
 
 from mlx_tokenrl import trainer
 from mlx_tokenrl.config import TrainConfig
-from mlx_tokenrl.selection import tspmo_selection
+from mlx_tokenrl.algorithms import t_spmo
+from mlx_tokenrl.algorithms.base import GroupRecord
 from mlx_tokenrl.trainer import train
 
 
@@ -56,7 +57,8 @@ def test_tspmo_samples_show_the_steps_completions_rewards_and_selection(
         tokens, rewards = [r["tokens"] for r in rows], [r["reward"] for r in rows]
         # By hand: the selection of this group from its logged completions. Fewer pairs than
         # --tspmo-max-pairs, so no random subset is drawn and any rng gives the same pairs.
-        pairs = tspmo_selection(tokens, rewards, cfg.tspmo_max_pairs, np.random.default_rng(0))
+        pairs = list(t_spmo.select(GroupRecord([], tokens, rewards), cfg,
+                                   np.random.default_rng(0)))
         assert len(pairs) < cfg.tspmo_max_pairs
         for row, record in enumerate(rows):
             expected = sorted((pos, adv) for r, pos, adv in pairs if r == row)

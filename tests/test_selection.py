@@ -1,8 +1,28 @@
 import numpy as np
 import pytest
 
-from mlx_tokenrl.selection import (STD_EPS, group_advantages, grpo_selection, sgrpo_positions,
-                                   sgrpo_selection, tspmo_selection)
+from mlx_tokenrl.algorithms import grpo, s_grpo, t_spmo
+from mlx_tokenrl.algorithms.base import STD_EPS, GroupRecord, group_advantages
+from mlx_tokenrl.algorithms.s_grpo import sgrpo_positions
+from mlx_tokenrl.config import TrainConfig
+
+
+def selected(algorithm, completions, rewards, rng=None, **settings):
+    """The group's selection as (row, position, advantage) tuples."""
+    cfg = TrainConfig(algo=algorithm.ALGORITHM.name, **settings)
+    return list(algorithm.select(GroupRecord([1], completions, rewards), cfg, rng))
+
+
+def grpo_selection(completions, rewards, scale_rewards=True):
+    return selected(grpo, completions, rewards, scale_rewards="group" if scale_rewards else "none")
+
+
+def tspmo_selection(completions, rewards, max_pairs, rng):
+    return selected(t_spmo, completions, rewards, rng, tspmo_max_pairs=max_pairs)
+
+
+def sgrpo_selection(completions, rewards, alpha, k, p, rng):
+    return selected(s_grpo, completions, rewards, rng, sgrpo_alpha=alpha, sgrpo_k=k, sgrpo_p=p)
 
 
 def test_grpo_every_token_with_group_advantage():

@@ -41,14 +41,14 @@ def step_rows(cfg):
     contexts, groups = hand_groups(rng, [5, 17, 30])
     replay_contexts = [contexts[0] + groups[0][1].tokens[:2], contexts[2] + groups[2][1].tokens[:1]]
     _, replay_groups = hand_groups(rng, [1, 1])
-    rows, triples = [], []
-    trainer.add_groups(cfg, groups, contexts, [np.random.default_rng(g) for g in range(3)],
-                       rows, triples)
+    inputs = trainer.LossInput()
+    rows, triples = inputs.rows, inputs.selection
+    trainer.add_groups(cfg, groups, contexts, [np.random.default_rng(g) for g in range(3)], inputs)
     trainer.add_groups(cfg, replay_groups, replay_contexts,
-                       [np.random.default_rng(g) for g in range(3, 5)], rows, triples,
+                       [np.random.default_rng(g) for g in range(3, 5)], inputs,
                        first_group=3)
     totals = trainer.StepTotals(completions=30, groups=5, selected=len(triples))
-    return rows, triples, totals
+    return inputs, totals
 
 
 def row_logprobs(model, row):
@@ -100,9 +100,10 @@ def assert_close(loss, grads, ref_loss, ref_grads):
 def test_shared_context_loss_and_grads_equal_per_row_forwards(lora_model, algo, norm, beta):
     cfg = TrainConfig(algo=algo, loss_norm=norm, beta=beta, group_size=6, sgrpo_alpha=2,
                       sgrpo_k=4, sgrpo_p=0.5, tspmo_max_pairs=12, microbatch_rows=4)
-    rows, triples, totals = step_rows(cfg)
-    loss, grads = trainer.loss_and_grads(lora_model, make_loss_and_grad(lora_model, beta),
-                                         cfg, rows, triples, totals)
+    inputs, totals = step_rows(cfg)
+    rows, triples = inputs.rows, inputs.selection
+    loss, grads, _ = trainer.loss_and_grads(lora_model, make_loss_and_grad(lora_model, beta),
+                                         cfg, inputs, totals)
     ref_loss, ref_grads = reference(lora_model, cfg, rows, triples, totals)
     assert_close(loss.item(), dict(tree_flatten(grads)), ref_loss, ref_grads)
     # The adapter's gradient is not vanishing, so a wrong one would show at this tolerance.
@@ -145,10 +146,11 @@ def test_one_compiled_graph_serves_contexts_of_other_lengths(lora_model, monkeyp
         contexts = [rng.integers(3, 300, size=n).tolist() for n in lengths]
         groups = [[completion(rng.integers(3, 300, size=6).tolist(), r) for r in (0, 1)]
                   for _ in lengths]
-        rows, triples = [], []
-        trainer.add_groups(cfg, groups, contexts, [None, None], rows, triples)
+        inputs = trainer.LossInput()
+        trainer.add_groups(cfg, groups, contexts, [None, None], inputs)
+        rows, triples = inputs.rows, inputs.selection
         totals = trainer.StepTotals(completions=4, groups=2, selected=len(triples))
-        loss, grads = trainer.loss_and_grads(lora_model, step, cfg, rows, triples, totals)
+        loss, grads, _ = trainer.loss_and_grads(lora_model, step, cfg, inputs, totals)
         assert_close(loss.item(), dict(tree_flatten(grads)),
                      *reference(lora_model, cfg, rows, triples, totals))
     assert len(traced) == 1
@@ -161,8 +163,9 @@ def test_first_tokens_alone_run_only_their_contexts(lora_model):
     contexts = [[5, 6, 7, 8, 9], list(range(20, 40))]
     groups = [[completion([t, 3], r) for t, r in [(10, 1), (11, 0), (10, 1), (12, 0)]]
               for _ in contexts]
-    rows, triples = [], []
-    trainer.add_groups(cfg, groups, contexts, [np.random.default_rng(0)] * 2, rows, triples)
+    inputs = trainer.LossInput()
+    trainer.add_groups(cfg, groups, contexts, [np.random.default_rng(0)] * 2, inputs)
+    rows, triples = inputs.rows, inputs.selection
     assert {pos for _, pos, _ in triples} == {0}
     totals = trainer.StepTotals(completions=8, groups=2, selected=len(triples))
     units, unit_of_row = trainer.loss_units(cfg, totals, rows)
@@ -170,8 +173,8 @@ def test_first_tokens_alone_run_only_their_contexts(lora_model):
     [batch] = make_microbatches(rows, triples, weights, cfg.microbatch_rows)
     assert batch.inputs == []  # and each context in a pass of its own width:
     assert [c.shape for c in batch.contexts] == [(1, 32), (1, 16)]
-    loss, grads = trainer.loss_and_grads(lora_model, make_loss_and_grad(lora_model), cfg, rows,
-                                         triples, totals)
+    loss, grads, _ = trainer.loss_and_grads(lora_model, make_loss_and_grad(lora_model), cfg,
+                                            inputs, totals)
     assert_close(loss.item(), dict(tree_flatten(grads)),
                  *reference(lora_model, cfg, rows, triples, totals))
 
@@ -188,9 +191,10 @@ def test_gradient_checkpointing_keeps_loss_and_grads_exact(lora_model, monkeypat
     checkpoint_blocks(lora_model, monkeypatch)
     cfg = TrainConfig(algo="t-spmo", beta=0.2, group_size=6, tspmo_max_pairs=12,
                       microbatch_rows=4)
-    rows, triples, totals = step_rows(cfg)
-    loss, grads = trainer.loss_and_grads(lora_model, make_loss_and_grad(lora_model, 0.2), cfg,
-                                         rows, triples, totals)
+    inputs, totals = step_rows(cfg)
+    rows, triples = inputs.rows, inputs.selection
+    loss, grads, _ = trainer.loss_and_grads(lora_model, make_loss_and_grad(lora_model, 0.2), cfg,
+                                         inputs, totals)
     assert_close(loss.item(), dict(tree_flatten(grads)),
                  *reference(lora_model, cfg, rows, triples, totals))
 
@@ -224,7 +228,7 @@ def test_passes_of_other_widths_keep_loss_and_grads_exact(lora_model, beta, chec
             ref_logp = [row_logprobs(lora_model, rows[r])[len(rows[r].context) + p - 1,
                                                           rows[r].completion[p]]
                         for r, p, _ in triples]
-    loss, grads = make_loss_and_grad(lora_model, beta)(batch)
+    loss, grads, _ = make_loss_and_grad(lora_model, beta)(batch)
     ref_loss, ref_grads = nn.value_and_grad(
         lora_model, lambda: naive_loss(lora_model, rows, triples, weights, beta, ref_logp))()
     assert_close(loss.item(), dict(tree_flatten(grads)), ref_loss.item(),

@@ -242,15 +242,15 @@ def test_resume_may_change_how_steps_run(tiny_model_dir, dense_task, tmp_path):
 @pytest.mark.parametrize("poison", ["gradients", "loss"])
 def test_non_finite_updates_never_reach_the_adapter(tiny_model_dir, dense_task, tmp_path,
                                                     monkeypatch, poison):
-    real = trainer.loss_and_grads
+    real = trainer.update_grads
 
     def poisoned(*args):
-        loss, grads = real(*args)
+        loss, grads, ratios = real(*args)
         if poison == "loss":  # finite gradients, but the step's loss says something broke
-            return loss * float("nan"), grads
-        return loss, tree_map(lambda g: g * float("nan"), grads)
+            return trainer.UpdateGrads(loss * float("nan"), grads, ratios)
+        return trainer.UpdateGrads(loss, tree_map(lambda g: g * float("nan"), grads), ratios)
 
-    monkeypatch.setattr(trainer, "loss_and_grads", poisoned)
+    monkeypatch.setattr(trainer, "update_grads", poisoned)
     run = train(config(tiny_model_dir, dense_task, tmp_path / "nan", steps=3, save_every=3,
                        algo="grpo"))
     metrics = [json.loads(line) for line in open(run / "metrics.jsonl")]
