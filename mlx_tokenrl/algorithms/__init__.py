@@ -5,12 +5,13 @@ A name that is not here fails `TrainConfig.validate` in one line, and a lookup o
 KeyError: it can never run another algorithm.
 """
 
-from . import grpo, s_grpo, t_spmo
+from . import grpo, s_grpo, t_spmo, top_entropy
 
 ALGORITHMS = {algorithm.name: algorithm for algorithm in (
     grpo.ALGORITHM,
     s_grpo.ALGORITHM,
     t_spmo.ALGORITHM,
+    top_entropy.ALGORITHM,
 )}
 
 
