@@ -47,6 +47,8 @@ def fixed_rollouts(num_prompts=5, group_size=4, seed=0):
     for group in groups:
         for c in group[1:]:
             c.tokens[:1] = group[0].tokens[:1]
+        for c in group:  # as a rollout records them, for --algo top-entropy
+            c.entropies = rng.random(len(c.tokens)).tolist()
     return contexts, groups
 
 

@@ -17,7 +17,9 @@ from mlx_tokenrl.rollout import Completion
 
 
 def completion(tokens, reward):
-    return Completion(0, list(tokens), False, "", float(reward))
+    # Entropies as a rollout records them (for --algo top-entropy), fixed by each token.
+    return Completion(0, list(tokens), False, "", float(reward), [0.0] * len(tokens),
+                      [(int(t) * 7919 % 101) / 100 for t in tokens])
 
 
 def hand_groups(rng, context_lengths, group_size=6):
