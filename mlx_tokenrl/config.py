@@ -145,6 +145,7 @@ class RunSettings:
     clip_epsilon: float = 0.2
     clip_epsilon_high: float | None = None  # None: clip_epsilon (symmetric)
     scale_rewards: str = "group"
+    mask_truncated: bool = False
     format_reward: float = 0.0
     # LoRA / model
     lora_rank: int = 8
@@ -186,7 +187,7 @@ class RunSettings:
         for name in ("task", "model", "digits", "out", "project_name", "train_split", "test_split"):
             require(bool(getattr(self, name).strip()), f"{flag(name)} must not be empty")
         one_of("algo", self.algo, ALGOS)
-        one_of("loss_norm", self.loss_norm, ("sequence", "token"))
+        one_of("loss_norm", self.loss_norm, ("sequence", "token", "constant"))
         one_of("scale_rewards", self.scale_rewards, ("group", "none"))
         one_of("dtype", self.dtype, DTYPE_CHOICES)
         if self.quantize is not None:

@@ -96,16 +96,20 @@ class ForwardRow:
 
 
 def normalisation_weights(triples, norm: str, num_units: int, num_selected: int,
-                          unit_of_row=None):
+                          unit_of_row=None, constant: int = 0):
     """Per-triple weight. `sequence`: 1 / (U * |T_u|), a mean over units of each unit's mean,
     where a unit is a completion (GRPO, S-GRPO: the paper's per-completion mean) or a group
     (T-SPMO: `unit_of_row` maps loss rows to groups) and T_u is what the unit selected;
-    `token`: 1 / (total selected). U and the total are passed in, not counted here, because
-    with several ranks they are global (and units that selected nothing still count in U)."""
+    `token`: 1 / (total selected); `constant` (Dr. GRPO): 1 / `constant`, the step's
+    completions x --max-new-tokens, the same for every token of every step. U, the total and
+    the constant are passed in, not counted here, because with several ranks they are global
+    (and units that selected nothing still count in U)."""
     if norm == "token":
         return np.full(len(triples), 1.0 / max(num_selected, 1), dtype=np.float32)
+    if norm == "constant":
+        return np.full(len(triples), 1.0 / max(constant, 1), dtype=np.float32)
     if norm != "sequence":
-        raise ValueError(f"unknown loss norm {norm!r}: use sequence or token")
+        raise ValueError(f"unknown loss norm {norm!r}: use sequence, token or constant")
     units = [row if unit_of_row is None else unit_of_row[row] for row, _, _ in triples]
     per_unit = {}
     for unit in units:

@@ -36,7 +36,7 @@ from .models import (add_lora, check_adapter_files, init_from_adapter, load_mode
 from .memory import (budget_bytes, check_run_fits, mlx_peak_bytes, planned_rows, reset_peak,
                      resident_peak_bytes, start_run_peak)
 from .messages import warn_once
-from .rewards import weighted, with_format_bonus
+from .rewards import final_answer, weighted, with_format_bonus
 from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout
 from .samples import SampleLog, SelectedGroup
 from .seeds import DATA_ORDER, SAMPLING, SELECTION, derived_rng, derived_seed
@@ -70,11 +70,19 @@ def group_rng(cfg: TrainConfig, step: int, position: int):
     return derived_rng(cfg.seed, SELECTION, step, position)
 
 
-def group_record(context, completions) -> GroupRecord:
+def masked_truncated(cfg: TrainConfig, completion) -> bool:
+    """--mask-truncated (DAPO's overlong filtering): a completion that hit --max-new-tokens
+    before EOS with no final answer ('#### N' or a closed '\\boxed{}') adds nothing to the
+    loss. One that wrote its answer and ran on is kept: its reward is a fair judgment."""
+    return cfg.mask_truncated and completion.truncated and final_answer(completion.text) is None
+
+
+def group_record(cfg: TrainConfig, context, completions) -> GroupRecord:
     recorded = completions[0].entropies is not None  # (rollout's token_stats: all or none)
     return GroupRecord(context, [c.tokens for c in completions], [c.reward for c in completions],
                        [c.logprobs for c in completions] if recorded else None,
-                       [c.entropies for c in completions] if recorded else None)
+                       [c.entropies for c in completions] if recorded else None,
+                       [masked_truncated(cfg, c) for c in completions])
 
 
 @dataclass
@@ -88,20 +96,28 @@ def add_groups(cfg, groups, contexts, rngs, into: LossInput, first_group: int = 
                selections=None):
     """Select within each group (with its own rng) and append its rows and tokens to `into`;
     loss rows remember their group (numbered from `first_group`) for a per-group norm.
-    `selections`, if given, gets each group's Selection, rows counted within the group."""
+    `selections`, if given, gets each group's Selection, rows counted within the group.
+    Returns the groups with signal and the completions --mask-truncated kept out."""
     algorithm = ALGORITHMS[cfg.algo]
-    signal = 0
+    signal = masked = 0
     for number, (context, group, rng) in enumerate(zip(contexts, groups, rngs), first_group):
-        record = group_record(context, group)
+        record = group_record(cfg, context, group)
         signal += has_signal(record.rewards)
-        chosen = algorithm.select(record, cfg, rng)
+        masked += sum(record.masked)
+        chosen = algorithm.select(record, cfg, rng).without_rows(record.is_masked)
         if selections is not None:
             selections.append(chosen)
         used = sorted(set(chosen.rows))
         row_id = {row: len(into.rows) + i for i, row in enumerate(used)}
         into.rows += [LossRow(context, group[row].tokens, number) for row in used]
         into.selection.extend(chosen, row_id.__getitem__)
-    return signal
+    return GroupsAdded(signal, masked)
+
+
+@dataclass
+class GroupsAdded:
+    with_signal: int
+    masked: int  # completions --mask-truncated kept out of the loss
 
 
 # ---- one step -------------------------------------------------------------------------
@@ -144,8 +160,8 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
     groups = [completions[g * G:(g + 1) * G] for g in range(len(indices))]
     loss = LossInput()
     selections = []
-    signal = add_groups(cfg, groups, prompts, [group_rng(cfg, step, p) for p in positions],
-                        loss, selections=selections)
+    added = add_groups(cfg, groups, prompts, [group_rng(cfg, step, p) for p in positions],
+                       loss, selections=selections)
     if on_selected:  # samples.py: the step's own groups and what the loss takes from them
         on_selected([SelectedGroup(p, examples[i], group, chosen) for p, i, group, chosen
                      in zip(positions, indices, groups, selections)])
@@ -156,7 +172,8 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
              "reward_sums": {name: sum(s[name] for s in scores) for name in reward.names},
              "lengths": [len(c.tokens) for c in completions],
              "truncated": sum(c.truncated for c in completions),
-             "groups": len(groups), "groups_with_signal": signal,
+             "groups": len(groups), "groups_with_signal": added.with_signal,
+             "masked": added.masked,
              "solved": sum(map(sum, solved)),
              "groups_with_solved_signal": sum(has_signal(s) for s in solved),
              "completions": len(completions), "replay_groups": 0}
@@ -165,8 +182,10 @@ def rollout_and_select(model, tokenizer, task, cfg, step, examples, indices, pos
         on_phase("replay")
         replayed = algorithm.replay(model, tokenizer, task, cfg, step, world, groups, solved,
                                     prompts, answers, indices, positions)
-        add_groups(cfg, [r.completions for r in replayed], [r.context for r in replayed],
-                   [r.rng for r in replayed], loss, first_group=len(groups))
+        replay_added = add_groups(cfg, [r.completions for r in replayed],
+                                  [r.context for r in replayed], [r.rng for r in replayed], loss,
+                                  first_group=len(groups))
+        stats["masked"] += replay_added.masked
         stats["replay_groups"] = len(replayed)
         stats["lengths"] += [len(c.tokens) for r in replayed for c in r.completions]
     return StepRollout(loss, stats)
@@ -189,12 +208,17 @@ def loss_units(cfg: TrainConfig, totals: StepTotals, loss_rows):
     return int(totals.completions), None
 
 
+def step_weights(cfg: TrainConfig, loss: LossInput, totals: StepTotals):
+    """Each selected token's weight: --loss-norm with the step's global counts."""
+    num_units, unit_of_row = loss_units(cfg, totals, loss.rows)
+    return normalisation_weights(loss.selection, cfg.loss_norm, num_units, int(totals.selected),
+                                 unit_of_row, int(totals.completions) * cfg.max_new_tokens)
+
+
 def step_microbatches(model, loss_and_grad, cfg, loss: LossInput, totals: StepTotals) -> list:
     """The step's loss microbatches, weights carrying the global normalisers (and the
     reference log-probs with --beta): made once, read by every update of the step."""
-    num_units, unit_of_row = loss_units(cfg, totals, loss.rows)
-    weights = normalisation_weights(loss.selection, cfg.loss_norm, num_units,
-                                    int(totals.selected), unit_of_row)
+    weights = step_weights(cfg, loss, totals)
     rows = cfg.microbatch_rows or planned_rows(model, loss_and_grad, loss.rows, loss.selection,
                                                 budget_bytes(cfg.max_memory), cfg.max_new_tokens)
     batches = make_microbatches(loss.rows, loss.selection, weights, rows)
@@ -526,6 +550,7 @@ class RankNumbers:
     solved: float
     groups_with_solved_signal: float
     truncated: float  # completions that hit --max-new-tokens (replay's not counted)
+    masked: float  # completions --mask-truncated kept out of the loss (replay's counted)
 
 
 def gather_numbers(world: World, mine: RankNumbers, what: str) -> list:
@@ -572,7 +597,7 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         loss_s=t2 - t1 - t_totals, step_s=t2 - t0, loss_peak=mx.get_peak_memory(),
         mlx_peak=mlx_peak_bytes(), resident_peak=resident_peak_bytes() or 0,
         solved=stats["solved"], groups_with_solved_signal=stats["groups_with_solved_signal"],
-        truncated=stats["truncated"]),
+        truncated=stats["truncated"], masked=stats["masked"]),
         f"the metrics exchange of step {step + 1}")
     total = RankNumbers(*(sum(getattr(r, f.name) for r in ranks) for f in fields(RankNumbers)))
     n = max(total.samples, 1)
@@ -603,6 +628,7 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         "solved_signal_fraction": total.groups_with_solved_signal / max(total.groups, 1),
         "truncation_rate": total.truncated / n,
         "selected_tokens": int(totals.selected),
+        "masked_truncated": int(total.masked),
         "generated_tokens": int(total.generated_tokens),
         "loss": total.loss,
         "grad_norm": updates.grad_norm,

@@ -27,6 +27,12 @@ class GroupRecord:
     # (`Algorithm.needs_token_stats`), since they cost a softmax per decoded token.
     logprobs: list | None = None  # log pi(token)
     entropies: list | None = None  # entropy of pi at that position
+    # --mask-truncated: completions that add nothing to the loss (their rewards still shape
+    # the group's advantages); None: none
+    masked: list | None = None
+
+    def is_masked(self, row: int) -> bool:
+        return self.masked is not None and self.masked[row]
 
 
 class SelectedToken(NamedTuple):
@@ -51,6 +57,14 @@ class Selection:
         """Append `other`'s tokens, its rows renumbered by `row_of`."""
         for row, position, advantage in other:
             self.add(row_of(row), position, advantage)
+
+    def without_rows(self, dropped) -> "Selection":
+        """The tokens not read from a row for which `dropped(row)` holds."""
+        kept = Selection()
+        for row, position, advantage in self:
+            if not dropped(row):
+                kept.add(row, position, advantage)
+        return kept
 
     def __iter__(self):
         return map(SelectedToken._make, zip(self.rows, self.positions, self.advantages))

@@ -15,7 +15,8 @@ def select(record, cfg, rng, eps: float = 1e-9):
     R(p) = mean reward of the completions that start with p and A(p, v) = R(p+v) - R(p).
     Pairs with A != 0 sit where completions branch and the outcomes differ. Each unique
     (p, v) is selected once, at the first completion that continues p with v (any of them
-    gives the same log-prob). Over `--tspmo-max-pairs`, a random subset is kept, drawn from
+    gives the same log-prob), preferring one that --mask-truncated keeps: a pair is masked
+    only when every completion through it is. Over `--tspmo-max-pairs`, a random subset is kept, drawn from
     the pairs in token order so the draw does not depend on the completions' order.
     """
     completions = record.completions
@@ -36,7 +37,8 @@ def select(record, cfg, rng, eps: float = 1e-9):
             node_mean[child] = rewards[rows].mean()
             advantage = node_mean[child] - node_mean[parent]
             if abs(advantage) > eps:
-                pairs.append((rows[0], pos, float(advantage)))
+                home = next((row for row in rows if not record.is_masked(row)), rows[0])
+                pairs.append((home, pos, float(advantage)))
             for row in rows:
                 node_of_row[row] = child
     if len(pairs) > cfg.tspmo_max_pairs:
