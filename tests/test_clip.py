@@ -1,6 +1,8 @@
 """Several updates per rollout batch: PPO's clipped ratio, the old policy taken from the first
 update's own forward, the step as a unit, and the step's learning rate for every update."""
 
+from types import SimpleNamespace
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -64,6 +66,23 @@ def test_clipped_objective_matches_a_naive_implementation_on_random_ratios():
         assert 0 < (grad == 0).sum() < 64  # both regions are exercised
 
 
+def test_ratio_statistics_by_hand():
+    """eps 0.2 below, 0.1 above: r = 1.15 with A > 0 and r = 0.7 with A < 0 are clipped;
+    0.85 with A < 0 is not (0.85 > 0.8), nor are 1.05 and 0.5 with A > 0; the padding pick
+    (weight 0) does not count."""
+    ratios = [1.15, 0.85, 0.7, 1.05, 0.5, 5.0]
+    batch = SimpleNamespace(weights=mx.array([1.0, 1, 1, 1, 1, 0]),
+                            advantages=mx.array([1.0, -1, -1, 1, 1, 1]),
+                            old_logprobs=mx.full((6,), -2.0))
+    stats = trainer.RatioStats()
+    stats.add(batch, mx.array(np.log(ratios) - 2.0), 0.2, 0.1)
+    real = np.array(ratios[:5])
+    assert (stats.tokens, stats.clipped) == (5, 2)
+    assert stats.ratio_sum == pytest.approx(real.sum())
+    assert (stats.ratio_min, stats.ratio_max) == (pytest.approx(0.5), pytest.approx(1.15))
+    assert stats.kl_sum == pytest.approx((real - 1 - np.log(real)).sum())
+
+
 def case(seed=0):
     rng = np.random.default_rng(seed)
     rows = [LossRow(rng.integers(3, 300, size=n).tolist(), rng.integers(3, 300, size=m).tolist())
@@ -117,7 +136,7 @@ def test_a_later_update_takes_the_clipped_surrogate_against_the_first_updates_po
     """Update 1 records pi_old; after the weights move, update 2's loss and gradients are the
     naive clipped surrogate's: -sum w min(r A, clip(r) A), r from full-logits forwards."""
     rows, triples, weights = case(1)
-    clip = ClipRange(0.02, 0.03)  # tight, so the moved weights put some tokens outside
+    clip = ClipRange(0.01, 0.05)  # tight, so the moved weights put some tokens outside
     cfg = TrainConfig(clip_epsilon=clip.low, clip_epsilon_high=clip.high)
     step = make_loss_and_grad(lora_model, 0.0, False, clip)
     batches = make_microbatches(rows, triples, weights, rows_per_batch=2)
@@ -200,6 +219,27 @@ def test_every_update_of_a_step_uses_the_steps_learning_rate(tiny_model_dir, mon
     assert len({lr for _, lr in rates}) == 3
 
 
+def test_each_update_applies_the_gradient_of_its_own_forward(tiny_model_dir, monkeypatch):
+    model, tok, cfg, optimizer, step = step_setup(tiny_model_dir, updates_per_rollout=3)
+    computed, applied = [], []
+    real_grads, real_update = trainer.update_grads, trainer.apply_update
+
+    def grads_spy(*args):
+        out = real_grads(*args)
+        computed.append(out.grads)
+        return out
+
+    def update_spy(model, optimizer, grads, clip, step):
+        applied.append(grads)
+        return real_update(model, optimizer, grads, clip, step)
+
+    monkeypatch.setattr(trainer, "update_grads", grads_spy)
+    monkeypatch.setattr(trainer, "apply_update", update_spy)
+    trainer.run_step(model, tok, toy_task(), cfg, World(), optimizer, step, 0)
+    assert len(computed) == len(applied) == 3  # (one process: no all-reduce in between)
+    assert all(a is c for a, c in zip(applied, computed))
+
+
 def test_one_update_reports_ratio_one_and_nothing_clipped(tiny_model_dir):
     model, tok, cfg, optimizer, step = step_setup(tiny_model_dir)
     metrics = trainer.run_step(model, tok, toy_task(), cfg, World(), optimizer, step, 0)
@@ -233,3 +273,21 @@ def test_an_interrupted_step_leaves_the_previous_steps_state(tiny_model_dir, mon
     assert after.keys() == state.keys()
     for k, v in after.items():
         np.testing.assert_array_equal(np.array(v), state[k], err_msg=k)
+
+
+def test_training_builds_its_loss_with_the_configured_clip(tiny_model_dir, dense_files, tmp_path,
+                                                           monkeypatch):
+    built, real = [], trainer.make_loss_and_grad
+
+    def spy(model, beta, compile, clip):
+        built.append(clip)
+        return real(model, beta, compile, clip)
+
+    monkeypatch.setattr(trainer, "make_loss_and_grad", spy)
+    trainer.train(TrainConfig(
+        task="jsonl", data=str(dense_files / "data.jsonl"),
+        reward_fn=[f"{dense_files / 'reward.py'}:digits"], model=str(tiny_model_dir),
+        out=str(tmp_path / "run"), steps=1, prompts_per_step=2, group_size=4, max_new_tokens=8,
+        temperature=1.0, microbatch_rows=4, updates_per_rollout=2, clip_epsilon=0.1,
+        clip_epsilon_high=0.3))
+    assert built == [ClipRange(0.1, 0.3)]

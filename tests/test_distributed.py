@@ -350,15 +350,18 @@ app(sys.argv[2:])
 
 
 @pytest.mark.slow
-def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, dense, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"updates_per_rollout": 2}])
+def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, dense, tmp_path,
+                                                              extra):
     """mlx.launch -n 2 --backend ring: after every step both ranks hold bitwise identical
-    adapters; rank 0 alone writes the run; the result is the 1-process run's."""
+    adapters; rank 0 alone writes the run; the result is the 1-process run's. With two
+    updates per rollout batch, the gradients are summed before each update."""
     (tmp_path / "spy.py").write_text(SPY)
     spy = tmp_path / "adapters"
     spy.mkdir()
     out = tmp_path / "two"
     proc = launch([sys.executable, str(tmp_path / "spy.py"), str(spy),
-                   *train_args(tiny_model_dir, dense, out, 3, save_every=3)])
+                   *train_args(tiny_model_dir, dense, out, 3, save_every=3, **extra)])
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "exited with code" not in stderr, stdout + stderr
     for step in (1, 2, 3):
@@ -372,17 +375,23 @@ def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, den
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["ranks"] == 2 and m["allreduce_bytes"] > 0 for m in metrics)
+    # one all-reduce of the same gradient tree per update
+    assert len({m["allreduce_bytes"] / m["updates"] for m in metrics}) == 1
     assert stdout.count("adapter written to") == 1
     # the same training in one process: same rewards, same adapter up to float order
     single = tmp_path / "one"
     from typer.testing import CliRunner
     from tokenrl_cli.main import app
-    result = CliRunner().invoke(app, train_args(tiny_model_dir, dense, single, 3, save_every=3))
+    result = CliRunner().invoke(app, train_args(tiny_model_dir, dense, single, 3, save_every=3,
+                                                **extra))
     assert result.exit_code == 0, result.output
     ref = [json.loads(line) for line in open(single / "metrics.jsonl")]
     for m, r in zip(metrics, ref):
         assert m["selected_tokens"] == r["selected_tokens"]
         assert abs(m["reward_mean"] - r["reward_mean"]) < 1e-6
+        assert m["updates"] == r["updates"] == extra.get("updates_per_rollout", 1)
+        for key in ("ratio_min", "ratio_max", "ratio_mean", "approx_kl", "clip_fraction"):
+            assert m[key] == pytest.approx(r[key], abs=1e-4), key
     a, b = mx.load(str(out / "adapters.safetensors")), mx.load(str(single / "adapters.safetensors"))
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-4, rtol=0)
