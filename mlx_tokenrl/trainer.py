@@ -640,20 +640,22 @@ def run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
         "update_s": updates.update_s, "more_updates_s": updates.more_updates_s,
         "step_s": step_s,
         "ranks": size, "allreduce_bytes": updates.allreduce_bytes,
-        **peaks_gb(ranks),
+        **peaks_gb(ranks, mx.get_peak_memory()),
         **per_function,
     }
 
 
-def peaks_gb(ranks) -> dict:
+def peaks_gb(ranks, updates_peak: int = 0) -> dict:
     """Memory, largest over ranks: `peak_memory_gb`, the process's peak so far by MLX's count
     (probes and start-up checks included); `resident_peak_gb`, by the OS's (where known);
     `loss_peak_memory_gb`, this step's loss+grad microbatches' (by MLX's count: what
-    --max-memory bounds). See memory.py for how each is measured."""
-    out = {"peak_memory_gb": max(r.mlx_peak for r in ranks) / 1e9}
+    --max-memory bounds). See memory.py for how each is measured. `updates_peak`: the loss
+    window's peak on this rank after all of the step's updates (the later ones' included;
+    the ranks' numbers were gathered after the first)."""
+    out = {"peak_memory_gb": max(max(r.mlx_peak for r in ranks), updates_peak) / 1e9}
     if all(r.resident_peak for r in ranks):
         out["resident_peak_gb"] = max(r.resident_peak for r in ranks) / 1e9
-    out["loss_peak_memory_gb"] = max(r.loss_peak for r in ranks) / 1e9
+    out["loss_peak_memory_gb"] = max(max(r.loss_peak for r in ranks), updates_peak) / 1e9
     return out
 
 

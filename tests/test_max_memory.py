@@ -59,14 +59,17 @@ def block_call(monkeypatch):
     return qwen2.TransformerBlock
 
 
+@pytest.mark.parametrize("updates", [1, 3])
 @pytest.mark.parametrize("budget_mb, rows", [(6, {1}), (70, {8, 16})])
 def test_loss_peak_stays_under_the_budget(model_dir, tmp_path, planned, block_call,
-                                          budget_mb, rows):
+                                          budget_mb, rows, updates):
     """On the tiny model 6 MB over what was held before fits one row per microbatch, 70 MB
     eight or sixteen (probed at 1.5x the step's lengths, memory.HEADROOM; measured peaks
-    vary a little from run to run). Each step's logged loss peak is under the budget."""
+    vary a little from run to run). Each step's logged loss peak is under the budget; several
+    updates per rollout batch reuse the step's microbatches."""
     budget = above_held(budget_mb)
-    out = trainer.train(config(model_dir, tmp_path / "run", max_memory=budget))
+    out = trainer.train(config(model_dir, tmp_path / "run", max_memory=budget,
+                               updates_per_rollout=updates))
     peaks = [json.loads(line)["loss_peak_memory_gb"] for line in open(out / "metrics.jsonl")]
     assert len(peaks) == 2 and max(peaks) <= budget
     assert planned[0] == planned[1] and planned[0] in rows
