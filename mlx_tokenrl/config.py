@@ -247,8 +247,8 @@ TrainConfig = make_dataclass(
                     for _, option in algorithm_options()],
     bases=(RunSettings,))
 TrainConfig.__module__ = __name__
-TrainConfig.__doc__ = """Every setting of a training run, in one dataclass: the CLI's options, the YAML
-config file's keys and the library's arguments are all generated from it."""
+TrainConfig.__doc__ = """Every setting of a training run, in one dataclass: the CLI's options,
+the YAML config file's keys and the library's arguments are all generated from it."""
 
 
 # ---- range checks, shared with the CLI's own options ------------------------------------

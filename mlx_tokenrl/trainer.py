@@ -28,8 +28,8 @@ from .checkpoint import (atomic_write_bytes, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .distributed import World, as_world, init_world, start_timeout
 from .evaluate import evaluate, summary_from_counts
-from .loss import (ClipRange, LossRow, attach_ref_logprobs, check_selected_logprobs, checkpoint_blocks,
-                   make_loss_and_grad, make_microbatches, normalisation_weights)
+from .loss import (ClipRange, LossRow, attach_ref_logprobs, check_selected_logprobs,
+                   checkpoint_blocks, make_loss_and_grad, make_microbatches, normalisation_weights)
 from .config import ConfigError, TrainConfig, config_from_dict
 from .models import (add_lora, check_adapter_files, init_from_adapter, load_model, lora_config,
                      save_adapter_config)
@@ -258,7 +258,8 @@ class RatioStats:
                           ratio_sum=sum(p.ratio_sum for p in parts),
                           ratio_min=min((p.ratio_min for p in parts), default=math.inf),
                           ratio_max=max((p.ratio_max for p in parts), default=-math.inf),
-                          clipped=sum(p.clipped for p in parts), kl_sum=sum(p.kl_sum for p in parts))
+                          clipped=sum(p.clipped for p in parts),
+                          kl_sum=sum(p.kl_sum for p in parts))
 
 
 class UpdateGrads(NamedTuple):

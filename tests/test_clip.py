@@ -122,7 +122,8 @@ def test_first_update_has_todays_loss_and_gradients_exactly(lora_model, beta, co
             assert loss.item() == want_loss.item()
         for (name, g), (_, want) in zip(tree_flatten(grads), tree_flatten(want_grads)):
             np.testing.assert_array_equal(np.array(g), np.array(want), err_msg=name)
-        np.testing.assert_allclose(np.array(logprobs), np.array(selected_logprobs(lora_model, batch)),
+        np.testing.assert_allclose(np.array(logprobs),
+                                   np.array(selected_logprobs(lora_model, batch)),
                                    rtol=1e-5, atol=1e-6)
 
 

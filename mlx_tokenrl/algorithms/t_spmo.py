@@ -16,8 +16,9 @@ def select(record, cfg, rng, eps: float = 1e-9):
     Pairs with A != 0 sit where completions branch and the outcomes differ. Each unique
     (p, v) is selected once, at the first completion that continues p with v (any of them
     gives the same log-prob), preferring one that --mask-truncated keeps: a pair is masked
-    only when every completion through it is. Over `--tspmo-max-pairs`, a random subset is kept, drawn from
-    the pairs in token order so the draw does not depend on the completions' order.
+    only when every completion through it is. Over `--tspmo-max-pairs`, a random subset is
+    kept, drawn from the pairs in token order so the draw does not depend on the completions'
+    order.
     """
     completions = record.completions
     if not has_signal(record.rewards):
