@@ -171,7 +171,8 @@ def scripted_rollout(model, tokenizer, prompts, group_size, params, seeds, **_):
         opening = rng.integers(3, 300, size=2).tolist()  # shared: T-SPMO has prefixes to branch on
         for row in range(group_size):
             tokens = opening + rng.integers(3, 300, size=int(rng.integers(1, 10))).tolist()
-            completions.append(Completion(prompt, tokens, False, str(int(row % 2 or rng.random() < 0.3))))
+            completions.append(Completion(prompt, tokens, False, str(int(row % 2 or rng.random() < 0.3)),
+                                          entropies=rng.random(len(tokens)).tolist()))
     return completions
 
 
@@ -190,12 +191,16 @@ def fresh_policy(tiny_model_dir):
     return model, tokenizer, make_loss_and_grad(model, 0.0, compile=False), before
 
 
+@pytest.mark.parametrize("updates", [1, 3])
 @pytest.mark.parametrize("algo", ALGOS)
-def test_a_step_on_simulated_ranks_is_the_one_process_step(tiny_model_dir, monkeypatch, algo):
+def test_a_step_on_simulated_ranks_is_the_one_process_step(tiny_model_dir, monkeypatch, algo,
+                                                           updates):
     """run_step on 2 and 3 simulated ranks (World's own reduction code; only the transport
     is simulated) against run_step in one process: the same grad_norm, loss and update on
     every rank. Dividing the summed gradient by the number of ranks, normalising by a rank's
-    own counts or skipping the all-reduce each move them by a third or more."""
+    own counts or skipping the all-reduce each move them by a third or more. With several
+    updates per rollout batch, the gradients are summed before each one, and the ratios'
+    statistics are gathered over the ranks."""
     import mlx.optimizers as optim
 
     from mlx_tokenrl.tasks import Example, Task
@@ -205,21 +210,25 @@ def test_a_step_on_simulated_ranks_is_the_one_process_step(tiny_model_dir, monke
     monkeypatch.setattr(mx.distributed, "all_gather", simulated_all_gather)
     cfg = TrainConfig(task="multiply", algo=algo, prompts_per_step=5, group_size=4, grad_clip=0,
                       microbatch_rows=4, compile=False, sgrpo_alpha=2, sgrpo_k=5, sgrpo_p=0.5,
-                      tspmo_max_pairs=6, tspmo_replay=0)
+                      tspmo_max_pairs=6, tspmo_replay=0, updates_per_rollout=updates,
+                      clip_epsilon=0.05)
     task = Task("sim", [Example(f"what is {i} + 1?", "1") for i in range(8)], [],
                 lambda text, answer: float(text == answer))
 
     def step_on(world):
         """Step 3 with plain SGD (lr 1, no clipping): the update is the summed gradient
-        itself, whose scale AdamW's per-coordinate normalisation would hide."""
+        itself, whose scale AdamW's per-coordinate normalisation would hide. (Several updates
+        take smaller steps: each one's rounding would otherwise grow through the next ones'
+        forwards far from the start.)"""
         model, tokenizer, loss_and_grad, before = fresh_policy(tiny_model_dir)
-        metrics = trainer.run_step(model, tokenizer, task, cfg, world, optim.SGD(learning_rate=1.0),
-                                   loss_and_grad, 2)
+        sgd = optim.SGD(learning_rate=1.0 if updates == 1 else 0.1)
+        metrics = trainer.run_step(model, tokenizer, task, cfg, world, sgd, loss_and_grad, 2)
         moved = {k: np.array(v - before[k]) for k, v in tree_flatten(model.trainable_parameters())}
         return metrics, moved
 
     ref, ref_moved = step_on(World(None))
     assert ref["selected_tokens"] > 0 and ref["grad_norm"] > 1e-3
+    assert ref["updates"] == updates and (updates == 1) == (ref["ratio_max"] == 1.0)
     scale = max(np.abs(m).max() for m in ref_moved.values())
     for size in (2, 3):
         ranks = SimulatedRanks(size)
@@ -230,6 +239,9 @@ def test_a_step_on_simulated_ranks_is_the_one_process_step(tiny_model_dir, monke
             assert metrics["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
             assert metrics["loss"] == pytest.approx(ref["loss"], rel=1e-4, abs=1e-6)
             assert metrics["selected_tokens"] == ref["selected_tokens"]
+            assert metrics["updates"] == ref["updates"]
+            for key in ("ratio_mean", "ratio_min", "ratio_max", "clip_fraction", "approx_kl"):
+                assert metrics[key] == pytest.approx(ref[key], rel=1e-3, abs=1e-6), key
             for k, m in moved.items():
                 np.testing.assert_allclose(m, ref_moved[k], rtol=0, atol=1e-4 * scale)
 
