@@ -147,7 +147,7 @@ HELP = {
     "test_split": ("Task", "custom: the held-out split's name."),
     "system_prompt": ("Prompt", "System message before each question (eval, generate and chat reuse the run's)."),
     "instruction": ("Prompt", "Replaces the task's instruction after the question; a {question} in it places the question; '' for none."),
-    "steps": ("Rollouts", "Policy updates to run."),
+    "steps": ("Rollouts", "Steps to run: each samples one rollout batch and applies --updates-per-rollout updates from it."),
     "prompts_per_step": ("Rollouts", "Prompts per step (B)."),
     "group_size": ("Rollouts", "Completions per prompt (G)."),
     "max_new_tokens": ("Rollouts", "Longest completion."),
