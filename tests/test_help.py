@@ -15,9 +15,10 @@ from tokenrl_cli.main import app
 
 COMMANDS = ["train", "eval", "compare", "convert-gguf", "fuse", "chat", "generate"]
 HEAVY = ("mlx", "mlx_lm", "transformers")  # mlx_lm alone takes seconds (issue 27)
-# Typer converts option values through pydantic (~0.4 s): unavoidable for a command that
-# runs, not for help, whose options are never read.
-HELP_ALSO = ("pydantic",)
+# Typer converts option values through pydantic (~0.4 s), and the algorithms' selections
+# import numpy (~0.1 s; the config reads their registry): fine for a command that runs, not
+# for help, whose options are never read.
+HELP_ALSO = ("pydantic", "numpy")
 
 # What a user types before any model work: help, a malformed command line, a bad value.
 QUICK = [["--help"], *[[command, "--help"] for command in COMMANDS],

@@ -1,7 +1,5 @@
 """S-GRPO: GRPO's advantages on a stochastic subset of each completion's tokens."""
 
-import numpy as np
-
 from .base import Algorithm, Option, per_completion
 
 
@@ -23,6 +21,8 @@ def sgrpo_positions(length: int, alpha: int, k: int, p: float, rng) -> list:
 def select(record, cfg, rng):
     """Each completion's subset is drawn from a generator seeded by the group's draw and the
     completion's own tokens, so it does not depend on where the completion sits in the group."""
+    import numpy as np
+
     group_seed = int(rng.integers(2**63))
 
     def positions(row):

@@ -5,8 +5,6 @@ its prefix, not to one of them), so `--loss-norm sequence` averages each group's
 the groups.
 """
 
-import numpy as np
-
 from .base import Algorithm, Option, Selection, has_signal
 
 
@@ -20,6 +18,8 @@ def select(record, cfg, rng, eps: float = 1e-9):
     kept, drawn from the pairs in token order so the draw does not depend on the completions'
     order.
     """
+    import numpy as np
+
     completions = record.completions
     if not has_signal(record.rewards):
         return Selection()
