@@ -403,7 +403,7 @@ def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, den
         assert abs(m["reward_mean"] - r["reward_mean"]) < 1e-6
         assert m["updates"] == r["updates"] == extra.get("updates_per_rollout", 1)
         for key in ("ratio_min", "ratio_max", "ratio_mean", "approx_kl", "clip_fraction"):
-            assert m[key] == pytest.approx(r[key], abs=1e-4), key
+            assert m[key] == pytest.approx(r[key], rel=1e-3, abs=1e-4), key
     a, b = mx.load(str(out / "adapters.safetensors")), mx.load(str(single / "adapters.safetensors"))
     for k in a:
         np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), atol=1e-4, rtol=0)
