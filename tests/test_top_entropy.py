@@ -161,3 +161,25 @@ def test_a_step_trains_on_recorded_entropies(tiny_model_dir, monkeypatch):
 def test_a_quantile_outside_zero_one_fails_before_model_work(quantile):
     with pytest.raises(ConfigError, match="--entropy-quantile must be"):
         TrainConfig(algo="top-entropy", entropy_quantile=quantile).validate()
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+def test_token_stats_on_either_device_match_float64_by_hand(device, monkeypatch):
+    """The CPU's numpy formula and the device's MLX one, against log-softmax in float64."""
+    from mlx_tokenrl import sampling
+
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(5, 700)) * 4).astype(np.float32)
+    logits[0, :] = 0.0  # uniform: entropy log(700)
+    logits[1, 3] = 60.0  # nearly one-hot: entropy ~0
+    tokens = np.array([3, 3, 10, 699, 0])
+    if device == "gpu":  # (the MLX formula, run on the CPU: only the branch is chosen here)
+        monkeypatch.setattr(sampling.mx, "default_device", lambda: "not the cpu")
+    stats = np.array(sampling.token_stats(mx.array(logits), mx.array(tokens)))
+    x = logits.astype(np.float64)
+    logp = x - x.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(stats[:, 0], logp[np.arange(5), tokens], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats[:, 1], -(np.exp(logp) * logp).sum(axis=1), rtol=1e-5,
+                               atol=1e-5)
+    assert stats[0, 1] == pytest.approx(np.log(700), rel=1e-5)
