@@ -1,0 +1,53 @@
+"""The docs that can drift from the code: the generated command reference, the module map,
+and the links between pages."""
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import gen_docs_commands
+from mlx_tokenrl.config import TrainConfig, flag
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+
+def section(page: str, command: str) -> str:
+    """The part of commands.md about one command."""
+    start = page.index(f"## `{command}`")
+    end = page.find("\n## ", start + 1)
+    return page[start:] if end < 0 else page[start:end]
+
+
+def test_the_committed_command_reference_is_what_the_cli_renders():
+    assert (DOCS / "commands.md").read_text() == gen_docs_commands.render(), (
+        "docs/commands.md is out of date: run python scripts/gen_docs_commands.py")
+
+
+def test_the_command_reference_lists_every_command_and_train_option():
+    page = gen_docs_commands.render()
+    for command in ("train", "eval", "compare", "convert-gguf", "fuse", "chat", "generate"):
+        assert f"## `{command}`" in page
+    train, compare = section(page, "train"), section(page, "compare")
+    for f in fields(TrainConfig):
+        if f.name == "task":
+            continue
+        assert f"`{flag(f.name)}" in train, flag(f.name)
+        if f.name != "algo":
+            assert f"`{flag(f.name)}" in compare, flag(f.name)
+    assert "`--resume`" in train and "`--config`" in train
+    assert "`--algos`" in compare and "`--algo`" not in compare
+
+
+def test_the_module_map_names_every_module():
+    design = (DOCS / "design.md").read_text()
+    for package in ("mlx_tokenrl", "cli"):
+        for module in sorted((ROOT / package).glob("*.py")):
+            assert f"`{module.name}`" in design, f"docs/design.md does not describe {package}/{module.name}"
+
+
+def test_links_between_pages_point_at_files_that_exist():
+    for page in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
