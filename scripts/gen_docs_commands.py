@@ -3,8 +3,8 @@
     python scripts/gen_docs_commands.py           # rewrite docs/commands.md
     python scripts/gen_docs_commands.py --check   # exit 1 if docs/commands.md is out of date
 
-Every command, its help, its arguments and its options (grouped as `--help` groups them, with
-their help text and defaults) are read from the Typer app's click commands, not from a
+Every command, its help, its arguments and its options (grouped in `--help`'s panels, each with
+the names and help text `--help` gives it) are read from the Typer app's commands, not from a
 terminal rendering, so the page does not depend on the terminal's width.
 tests/test_docs.py fails when the committed page differs from what this renders.
 """
@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import click
 import typer
+from typer.core import TyperArgument, TyperOption
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "commands.md"
@@ -38,72 +38,40 @@ def cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def option_names(param: click.Parameter) -> str:
-    names = list(param.opts) + list(getattr(param, "secondary_opts", []))
-    if getattr(param, "is_flag", False) and param.secondary_opts:
-        names = ["/".join([*param.opts, *param.secondary_opts])]
-    return ", ".join(f"`{name}`" for name in names)
-
-
-def value_kind(param: click.Parameter) -> str:
-    if getattr(param, "is_flag", False):
-        return ""
-    kind = param.type
-    if isinstance(kind, click.Choice):
-        return " " + "\\|".join(map(str, kind.choices))
-    return f" {kind.name.upper()}"
-
-
-def shown_default(param: click.Parameter) -> str:
-    """The default, where `--help` shows one beside the help text (not already in it)."""
-    if not getattr(param, "show_default", False) or param.default is None:
-        return ""
-    if getattr(param, "is_flag", False) and param.secondary_opts:
-        value = (param.opts if param.default else param.secondary_opts)[0]
-    else:
-        value = param.default
-    return f" (default: `{value}`)"
-
-
-def argument_rows(command: click.Command) -> list:
+def parameter_rows(params, ctx) -> list:
+    """One table row per parameter: its names and its help, as `--help` writes them."""
     rows = []
-    for param in command.params:
-        if isinstance(param, click.Argument):
-            required = "" if param.required else " (optional)"
-            rows.append(f"| `{param.name.upper()}`{required} | {cell(param.help or '')} |")
+    for param in params:
+        names, text = param.get_help_record(ctx)
+        rows.append(f"| `{names}` | {cell(text)} |")
     return rows
 
 
-def option_panels(command: click.Command) -> dict:
+def option_panels(command) -> dict:
     """Options by their `--help` panel, in order of first appearance ("Options" for none)."""
     panels = {}
     for param in command.params:
-        if isinstance(param, click.Option) and not param.hidden:
+        if isinstance(param, TyperOption) and not param.hidden:
             panel = getattr(param, "rich_help_panel", None) or "Options"
             panels.setdefault(panel, []).append(param)
     return panels
 
 
-def render_command(name: str, command: click.Command) -> str:
-    ctx = click.Context(command, info_name=f"tokenrl-mlx {name}")
+def render_command(name: str, command) -> str:
+    ctx = command.context_class(command, info_name=f"tokenrl-mlx {name}")
     usage = " ".join(command.collect_usage_pieces(ctx))
-    lines = [f"## `{name}`", "", cell(command.help.split("\n\n")[0]), ""]
-    rest = command.help.split("\n\n")[1:]
-    for paragraph in rest:
+    lines = [f"## `{name}`", ""]
+    for paragraph in command.help.split("\n\n"):
         lines += [cell(paragraph.lstrip("\b")), ""]
     lines += ["```", f"tokenrl-mlx {name} {usage}", "```", ""]
-    arguments = argument_rows(command)
+    arguments = [p for p in command.params if isinstance(p, TyperArgument)]
     if arguments:
-        lines += ["| argument | meaning |", "|---|---|", *arguments, ""]
+        lines += ["| argument | meaning |", "|---|---|", *parameter_rows(arguments, ctx), ""]
     panels = option_panels(command)
     for panel, params in panels.items():
         if len(panels) > 1:
             lines += [f"**{panel}**", ""]
-        lines += ["| option | meaning |", "|---|---|"]
-        for param in params:
-            lines.append(f"| {option_names(param)}{value_kind(param)} | "
-                         f"{cell(param.help or '')}{shown_default(param)} |")
-        lines.append("")
+        lines += ["| option | meaning |", "|---|---|", *parameter_rows(params, ctx), ""]
     return "\n".join(lines)
 
 
@@ -111,7 +79,7 @@ def render() -> str:
     from tokenrl_cli.main import app
 
     group = typer.main.get_command(app)
-    ctx = click.Context(group, info_name="tokenrl-mlx")
+    ctx = group.context_class(group, info_name="tokenrl-mlx")
     names = group.list_commands(ctx)
     overview = ["| command | what it does |", "|---|---|"]
     overview += [f"| [`{name}`](#{name}) | {cell(group.get_command(ctx, name).get_short_help_str(200))} |"
