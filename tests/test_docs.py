@@ -1,12 +1,15 @@
 """The docs that can drift from the code: the generated command reference, the module map,
-and the links between pages."""
+the links between pages, and the commands the pages show."""
 
 import re
+import shlex
 from dataclasses import fields
 from pathlib import Path
 
 import gen_docs_commands
+import typer
 from mlx_tokenrl.config import TrainConfig, flag
+from tokenrl_cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -54,3 +57,32 @@ def test_links_between_pages_point_at_files_that_exist():
         for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
             if not target.startswith("http"):
                 assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+def documented_commands():
+    """Every `tokenrl-mlx ...` command line in the README's and docs' bash blocks, as
+    (page, argument list): continuation lines joined, comments and anything before the
+    command on its line (`echo ... |`, `mlx.launch ... --`) dropped."""
+    found = []
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0] if not line.lstrip().startswith("#") else ""
+                if "tokenrl-mlx " in line:
+                    found.append((page.name, shlex.split(line.split("tokenrl-mlx ", 1)[1])))
+    return found
+
+
+def test_every_documented_command_parses():
+    """Each command in the docs names a real command and real options with valid values
+    (parsed as the CLI parses it, without running it): a renamed flag fails here."""
+    group = typer.main.get_command(app)
+    commands = documented_commands()
+    assert len(commands) > 20
+    for page, args in commands:
+        command = group.commands.get(args[0])
+        assert command is not None, f"{page}: no command {args[0]!r}"
+        try:
+            command.make_context(args[0], args[1:])
+        except typer.Exit:
+            raise AssertionError(f"{page}: tokenrl-mlx {shlex.join(args)} does not parse") from None
