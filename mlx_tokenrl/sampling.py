@@ -59,7 +59,8 @@ def token_stats(logits: mx.array, tokens: mx.array) -> mx.array:
                                           np.asarray(tokens)))
     logp = nn.log_softmax(logits.astype(mx.float32), axis=-1)
     chosen = mx.take_along_axis(logp, tokens[:, None].astype(mx.int32), axis=-1)[:, 0]
-    entropy = -(mx.exp(logp) * logp).sum(axis=-1)
+    probs = mx.exp(logp)  # a token masked to -inf adds 0 (not 0 x -inf = NaN) to the sum
+    entropy = -mx.where(probs > 0, probs * logp, 0.0).sum(axis=-1)
     return mx.stack([chosen, entropy], axis=1)
 
 
@@ -71,7 +72,8 @@ def token_stats_numpy(logits: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     total = weights.sum(axis=-1)
     log_total = np.log(total)
     chosen = shifted[np.arange(len(tokens)), tokens] - log_total
-    entropy = log_total - np.einsum("rv,rv->r", weights, shifted) / total
+    finite = np.where(weights > 0, shifted, 0.0)  # -inf logits: 0, not 0 x -inf = NaN
+    entropy = log_total - np.einsum("rv,rv->r", weights, finite) / total
     return np.stack([chosen, entropy], axis=1).astype(np.float32)
 
 

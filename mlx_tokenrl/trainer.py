@@ -399,6 +399,8 @@ def apply_updates(model, optimizer, loss_and_grad, cfg, world, batches, first: U
             done.grad_norm = norm
         done.skipped |= skipped
         done.applied += not skipped
+        if skipped:  # the weights did not move: the next update would recompute the same
+            break
     if cfg.updates_per_rollout > 1:
         done.ratios = gathered_ratios(world, RatioStats.combined(later_ratios), step)
     return done

@@ -82,6 +82,20 @@ def test_mask_truncated_keeps_a_tspmo_pair_an_unmasked_completion_shares():
                                      (100, 2): (-1 / 3) / 3})
 
 
+def test_pairs_only_masked_completions_reach_take_no_place_under_the_pair_cap():
+    # Rows 0-2 are masked and branch at every position; row 3, unmasked, branches from them
+    # at its first token only: with --tspmo-max-pairs 1 that pair must be the one kept.
+    group = [completion([1, 5, 6], 0, truncated=True, text="x"),
+             completion([1, 7, 8], 1, truncated=True, text="x"),
+             completion([1, 9, 4], 0, truncated=True, text="x"), completion([2], 1)]
+    cfg = TrainConfig(algo="t-spmo", group_size=4, tspmo_replay=0, mask_truncated=True,
+                      tspmo_max_pairs=1, loss_norm="token")
+    for seed in range(5):
+        inputs = trainer.LossInput()
+        trainer.add_groups(cfg, [group], [[100]], [np.random.default_rng(seed)], inputs)
+        assert [(inputs.rows[r].completion, p) for r, p, _ in inputs.selection] == [([2], 0)]
+
+
 def test_masked_completions_are_counted_in_the_metrics(tiny_model_dir):
     from mlx_tokenrl.models import add_lora, load_model, lora_config
 

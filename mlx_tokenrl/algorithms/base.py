@@ -22,7 +22,8 @@ class GroupRecord:
     rewards: list  # G floats
     # Per token of each completion, recorded while sampling from the logits the sampler
     # already had, under the model's own distribution (temperature 1, no top-p): the policy
-    # whose log-probs the loss's ratio reads. None unless the algorithm asks for them
+    # the loss's ratio is of (its old log-probs come from the first update's own forward,
+    # not from these). None unless the algorithm asks for them
     # (`Algorithm.needs_token_stats`), since they cost a softmax per decoded token.
     logprobs: list | None = None  # log pi(token)
     entropies: list | None = None  # entropy of pi at that position

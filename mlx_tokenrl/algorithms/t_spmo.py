@@ -37,8 +37,10 @@ def select(record, cfg, rng, eps: float = 1e-9):
             child = len(node_mean)
             node_mean[child] = rewards[rows].mean()
             advantage = node_mean[child] - node_mean[parent]
-            if abs(advantage) > eps:
-                home = next((row for row in rows if not record.is_masked(row)), rows[0])
+            # Read from a completion --mask-truncated keeps; a pair only masked completions
+            # reach adds nothing, and must not take a place under --tspmo-max-pairs.
+            home = next((row for row in rows if not record.is_masked(row)), None)
+            if abs(advantage) > eps and home is not None:
                 pairs.append((home, pos, float(advantage)))
             for row in rows:
                 node_of_row[row] = child
