@@ -71,7 +71,11 @@ def resident_peak_bytes(platform: str = sys.platform) -> int | None:
         import resource
     except ImportError:
         return None
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, platform)
+
+
+def maxrss_bytes(maxrss: int, platform: str = sys.platform) -> int:
+    """getrusage's ru_maxrss in bytes: it counts kilobytes on Linux, bytes on macOS."""
     return maxrss if platform == "darwin" else maxrss * 1024
 
 

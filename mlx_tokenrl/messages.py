@@ -18,6 +18,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def warn(message: str):
+    """One `warning:` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 @functools.cache
 def warn_once(message: str):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    warn(message)

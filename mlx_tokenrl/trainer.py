@@ -13,7 +13,6 @@ directory. Collectives and failure handling: `distributed.py`.
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, astuple, dataclass, field, fields, replace
 from pathlib import Path
@@ -35,7 +34,7 @@ from .models import (add_lora, check_adapter_files, init_from_adapter, load_mode
                      save_adapter_config)
 from .memory import (budget_bytes, check_run_fits, mlx_peak_bytes, planned_rows, reset_peak,
                      resident_peak_bytes, start_run_peak)
-from .messages import warn_once
+from .messages import warn, warn_once
 from .rewards import final_answer, weighted, with_format_bonus
 from .rollout import SamplingParams, check_batched_rollouts, encode_prompts, rollout
 from .samples import SampleLog, SelectedGroup
@@ -418,9 +417,9 @@ def warn_if_truncated(metrics: dict, cfg: TrainConfig, warned: bool) -> bool:
     0 however good its reasoning. Returns whether the run has warned."""
     if warned or not metrics["truncation_rate"] > TRUNCATION_WARNING:
         return warned
-    print(f"warning: step {metrics['step']}: {metrics['truncation_rate']:.0%} of the "
-          f"completions hit --max-new-tokens {cfg.max_new_tokens} before they ended; "
-          f"truncated answers rarely score: raise --max-new-tokens", file=sys.stderr, flush=True)
+    warn(f"step {metrics['step']}: {metrics['truncation_rate']:.0%} of the completions hit "
+         f"--max-new-tokens {cfg.max_new_tokens} before they ended; truncated answers rarely "
+         f"score: raise --max-new-tokens")
     return True
 
 

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlx_tokenrl.memory import maxrss_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 PLANNER_BEFORE = "4f33539"  # the last commit whose planner probed up to 32 rows
 QUICKSTART = ["multiply", "--digits", "2x1", "--algo", "t-spmo", "--prompts-per-step", "4",
@@ -89,7 +91,7 @@ def run_one(code: Path, args: list, out: Path, log: Path) -> dict:
                                 stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    maxrss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    maxrss = maxrss_bytes(usage.ru_maxrss)
     if os.waitstatus_to_exitcode(status) != 0:
         return {"error": log.read_text()[-2000:], "wall_s": wall, "resident_gb": maxrss / 1e9}
     step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

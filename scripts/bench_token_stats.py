@@ -11,7 +11,6 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import mlx_tokenrl  # noqa: F401  (OpenBLAS before mlx)
@@ -23,15 +22,8 @@ from mlx_tokenrl.rollout import SamplingParams, encode_prompts, rollout
 from mlx_tokenrl.sampling import token_stats
 from mlx_tokenrl.tasks import load_task
 
+from bench_rollout import timed
 from tables import markdown_table, print_table
-
-
-def timed(fn):
-    mx.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    mx.synchronize()
-    return out, time.perf_counter() - start
 
 
 def main():
