@@ -148,6 +148,7 @@ HELP = {
     "system_prompt": ("Prompt", "System message before each question (eval, generate and chat reuse the run's)."),
     "instruction": ("Prompt", "Replaces the task's instruction after the question; a {question} in it places the question; '' for none."),
     "steps": ("Rollouts", "Steps to run: each samples one rollout batch and applies --updates-per-rollout updates from it."),
+    "time_budget": ("Rollouts", "Seconds of training (the steps' times; evaluations not counted): the run stops after the first step that reaches them, or at --steps. The learning-rate schedule is planned after warmup for the steps the budget is estimated to buy."),
     "prompts_per_step": ("Rollouts", "Prompts per step (B)."),
     "group_size": ("Rollouts", "Completions per prompt (G)."),
     "max_new_tokens": ("Rollouts", "Longest completion."),
@@ -192,7 +193,7 @@ HELP = {
 MAX_NEW_TOKENS = ("--max-new-tokens", "--max-tokens")
 CLI_TYPES = {"lora_keys": str, "quantize": int, "data": str, "reward_fn": list[str],
              "reward_weights": str, "max_memory": float, "microbatch_rows": int, "lr": float,
-             "max_new_tokens": int, "clip_epsilon_high": float}
+             "max_new_tokens": int, "clip_epsilon_high": float, "time_budget": float}
 
 
 def option_parameter(name, annotation, default=None):
@@ -360,7 +361,9 @@ def report_step(progress, bar, metrics, label: str | None = None):
     """A finished step: its numbers under the bar, or (no live display) one plain line that
     is never wrapped, so a log file can be grepped line by line."""
     fields = step_fields(metrics)
-    progress.update(bar, completed=metrics["step"], numbers=fields, phase="")
+    # --time-budget: the bar counts to the planned steps once they are known
+    progress.update(bar, total=metrics.get("planned_steps"), completed=metrics["step"],
+                    numbers=fields, phase="")
     if not live_display():
         line = Text(f"{label + ' ' if label else ''}step {metrics['step']}: ")
         console.print(line.append_text(Text(SEPARATOR).join(fields)), soft_wrap=True,

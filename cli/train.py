@@ -24,7 +24,7 @@ from .common import (HELP, MAX_NEW_TOKENS, UserError, config_parameters, console
 # What a resume may change: how long the run is, and how its steps are computed or recorded
 # (--max-memory on another Mac), never what is learned. The trainer saves the result into
 # config.json, so a later plain --resume keeps it.
-RESUME_MAY_CHANGE = {"steps"} | (HOW_NOT_WHAT - {"out"})
+RESUME_MAY_CHANGE = {"steps", "time_budget"} | (HOW_NOT_WHAT - {"out"})
 
 
 def resumed_config(run_dir: Path, given: dict) -> TrainConfig:
@@ -107,6 +107,10 @@ def train(**kwargs):
                                   "continue from; run the same command again", soft_wrap=True)
                 raise typer.Exit(130)
         if main:
+            done = finished_steps(Path(cfg.out))
+            if cfg.time_budget is not None and done < cfg.steps:
+                console.print(f"--time-budget {cfg.time_budget:g} s reached after {done} steps",
+                              soft_wrap=True)
             console.print(f"adapter written to {cfg.out} (use --adapter-path {cfg.out})", soft_wrap=True)
 
 

@@ -25,12 +25,12 @@ from .models import check_lora_fits, load_model
 from .tasks import task_from_config
 from .trainer import no_phase, train
 
-# What makes arms comparable: the same task, model, data order and rollout budget.
-SHARED = {"task", "model", "data", "digits", "reward_fn", "seed", "steps", "prompts_per_step",
-          "group_size", "max_new_tokens", "eval_every", "eval_limit", "save_every", "out",
-          "quantize", "dtype", "lora_keys", "reward_weights", "hf_dataset", "hf_config",
-          "question_field", "answer_field", "train_split", "test_split", "system_prompt",
-          "instruction", "adapter_path"}
+# What makes arms comparable: the same task, model, data order and rollout or time budget.
+SHARED = {"task", "model", "data", "digits", "reward_fn", "seed", "steps", "time_budget",
+          "prompts_per_step", "group_size", "max_new_tokens", "eval_every", "eval_limit",
+          "save_every", "out", "quantize", "dtype", "lora_keys", "reward_weights", "hf_dataset",
+          "hf_config", "question_field", "answer_field", "train_split", "test_split",
+          "system_prompt", "instruction", "adapter_path"}
 
 
 def parse_arm(spec: str) -> tuple[str, dict]:

@@ -127,6 +127,7 @@ class RunSettings:
     instruction: str | None = None
     # rollouts
     steps: int = 100
+    time_budget: float | None = None  # seconds of training; stops the run early (budget.py)
     prompts_per_step: int = 8
     group_size: int = 8
     max_new_tokens: int | None = None  # None: the task's default (task_default)
@@ -199,6 +200,8 @@ class RunSettings:
             at_least("microbatch_rows", self.microbatch_rows, 1)
             require(self.max_memory is None, "--max-memory and --microbatch-rows both given: "
                                              "--microbatch-rows fixes the rows, give one")
+        if self.time_budget is not None:
+            above("time_budget", self.time_budget, 0)
         if self.max_memory is not None:
             above("max_memory", self.max_memory, 0)
             at_most("max_memory", self.max_memory, MAX_MEMORY_GB)

@@ -23,6 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from . import budget
 from .checkpoint import (atomic_write_bytes, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .distributed import World, as_world, init_world, start_timeout
@@ -445,6 +446,27 @@ def lr_schedule(cfg: TrainConfig):
     return warmup_cosine(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.lr * 0.1)
 
 
+def plan_schedule(cfg: TrainConfig, optimizer, step_times: list, world: World):
+    """--time-budget: cfg with the steps rank 0 plans for (budget.planned_steps), and the
+    optimizer, its state kept, on that schedule."""
+    first = step_times[:budget.plan_point(cfg)]  # a resume after the plan: the same times
+    steps = int(world.broadcast_json(budget.planned_steps(cfg, first) if world.is_main
+                                     else None, "the time budget's plan"))
+    planned = replace(cfg, steps=steps)
+    replanned = make_optimizer(planned)
+    replanned.state = optimizer.state
+    return planned, replanned
+
+
+def out_of_time(cfg: TrainConfig, step_times: list, world: World, done: int) -> bool:
+    """Whether a run has spent its --time-budget after `done` steps: rank 0's verdict
+    (budget.spent) on every rank, as their clocks differ."""
+    if cfg.time_budget is None:
+        return False
+    return bool(world.broadcast_json(budget.spent(cfg, step_times) if world.is_main else None,
+                                     f"the time budget after step {done}"))
+
+
 def make_optimizer(cfg: TrainConfig):
     if cfg.steps < cfg.warmup_steps:
         warn_once(f"--steps {cfg.steps} < --warmup-steps {cfg.warmup_steps}: the run ends "
@@ -518,19 +540,21 @@ def prepare_run(cfg: TrainConfig, resume: bool):
     return world, task, model, tokenizer, optimizer, start, cfg
 
 
-def trim_metrics(path: Path, upto_step: int):
+def trim_metrics(path: Path, upto_step: int) -> list:
     """Drop metrics of steps after the checkpoint we resume from (they will be redone), and
-    a last line cut short by a kill."""
+    a last line cut short by a kill. Returns the records kept."""
     if not path.exists():
-        return
+        return []
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= upto_step:
-                kept.append(line)
+            record = json.loads(line)
+            if record["step"] <= upto_step:
+                kept.append((line, record))
         except (ValueError, KeyError, TypeError):
             continue
-    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    atomic_write_bytes(path, "".join(line + "\n" for line, _ in kept).encode())
+    return [record for _, record in kept]
 
 
 @dataclass
@@ -704,8 +728,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
     world, task, model, tokenizer, optimizer, start, cfg = prepare_run(cfg, resume)
     out = Path(cfg.out)
     is_main = world.is_main
-    if is_main and resume:
-        trim_metrics(out / "metrics.jsonl", start)
+    kept = trim_metrics(out / "metrics.jsonl", start) if is_main and resume else []
+    step_times = [m["step_s"] for m in kept]  # rank 0's: it decides for --time-budget
     tracker = start_tracker(cfg) if is_main else Tracker()
     samples = SampleLog(out / "samples.jsonl", tokenizer, cfg.samples_every, cfg.samples_count,
                         tracker)
@@ -719,16 +743,28 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
     state = {"config": asdict(cfg)}
     done = start
     warned_truncation = False
+    # With --time-budget, `planned` is cfg with the steps the schedule is planned for.
+    planned = cfg
+    if cfg.time_budget is not None and start >= budget.plan_point(cfg):
+        planned, optimizer = plan_schedule(cfg, optimizer, step_times, world)
+    over = out_of_time(cfg, step_times, world, start)  # a resumed run may have spent it
     try:
         for step in range(start, cfg.steps):
+            if over:
+                break
             # MLX keeps freed buffers for reuse (on Metal up to its memory limit, on the CPU
             # 32 MB). One phase's (the rollout's growing KV caches and logits) fit the next
             # badly, so every phase (rollout, loss, evaluation) starts with none kept.
             mx.clear_cache()
-            metrics = run_step(model, tokenizer, task, cfg, world, optimizer, loss_and_grad, step,
-                               on_phase=report_phase,
+            metrics = run_step(model, tokenizer, task, planned, world, optimizer, loss_and_grad,
+                               step, on_phase=report_phase,
                                on_selected=samples.for_step(step) if is_main else None)
             done = step + 1
+            step_times.append(metrics["step_s"])  # (rank 0's alone count)
+            if cfg.time_budget is not None and done == budget.plan_point(cfg):
+                planned, optimizer = plan_schedule(cfg, optimizer, step_times, world)
+            if planned is not cfg:
+                metrics["planned_steps"] = planned.steps
             if is_main:
                 warned_truncation = warn_if_truncated(metrics, cfg, warned_truncation)
             if cfg.eval_every and done % cfg.eval_every == 0:
@@ -736,7 +772,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
                 summary = run_eval(model, tokenizer, task, cfg, world, report_phase)
                 metrics.update(eval_accuracy=summary["accuracy"],
                                eval_format_rate=summary["format_rate"])
-            save = done % cfg.save_every == 0 or done == cfg.steps
+            over = out_of_time(cfg, step_times, world, done)
+            save = done % cfg.save_every == 0 or done == cfg.steps or over
             if save and not ensure_ranks_agree(model, optimizer, world):
                 metrics["resynced"] = True  # never expected: ranks apply identical updates
             if is_main:

@@ -166,6 +166,7 @@ def test_arm_specs_override_only_their_own_settings(tmp_path):
     (["s-grpo:lr"], "is not a setting"),
     (["s-grpo:learning_rate=1"], "is not a setting"),
     (["s-grpo:steps=5"], "steps is shared by every arm"),
+    (["s-grpo:time-budget=60"], "time-budget is shared by every arm"),
     (["s-grpo:sgrpo-k=4.5"], "sgrpo-k=4.5"),
     (["t-spmo:compile=maybe"], "expected true or false"),
     (["s-grpo:sgrpo-alpha=30"], "--sgrpo-alpha must not exceed --sgrpo-k"),

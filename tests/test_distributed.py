@@ -415,6 +415,41 @@ def test_launched_two_ranks_match_each_other_and_one_process(tiny_model_dir, den
     assert (out / "checkpoints" / "latest").read_text() == "step-000004"
 
 
+# Each rank's clock says something else: rank 1's steps take 100x rank 0's.
+UNEVEN_CLOCKS = """
+import sys
+from mlx_tokenrl import trainer
+
+real = trainer.run_step
+
+def run_step(model, tokenizer, task, cfg, world, *args, **kwargs):
+    metrics = real(model, tokenizer, task, cfg, world, *args, **kwargs)
+    metrics["step_s"] = 10.0 if world.rank() == 0 else 1000.0
+    return metrics
+
+trainer.run_step = run_step
+from tokenrl_cli.main import app
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_launched_ranks_follow_rank_0s_time_budget(tiny_model_dir, dense, tmp_path):
+    """Ranks' step times differ: rank 0's decide the plan and the stop for all, so no rank
+    leaves the others waiting in a collective. Rank 0's clock: 10 s steps against a 25 s
+    budget: 3 steps, planned after the first (no warmup) as 1 + ceil(15 / 10)."""
+    (tmp_path / "clocks.py").write_text(UNEVEN_CLOCKS)
+    out = tmp_path / "run"
+    proc = launch([sys.executable, str(tmp_path / "clocks.py"),
+                   *train_args(tiny_model_dir, dense, out, 50, time_budget=25)])
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "exited with code" not in stderr, stdout + stderr
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(m["step"], m["planned_steps"]) for m in metrics] == [(1, 3), (2, 3), (3, 3)]
+    assert not any(m.get("resynced") for m in metrics)  # the same schedule on both ranks
+    assert "--time-budget 25 s reached after 3 steps" in stdout
+
+
 # Wraps the CLI: once a rank has finished step 2 (imports, model load, compile and the first
 # steps behind it: what a busy machine slows down unevenly between ranks) it switches to the
 # short peer deadline under test and leaves a mark.
