@@ -167,6 +167,10 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
             train_seconds=float(sum(m["step_s"] for m in metrics)),
             peak_memory_gb=float(max(m["peak_memory_gb"] for m in metrics)),
             signal_fraction=float(np.mean([m["signal_fraction"] for m in metrics])))
+    if every_step_has(metrics, "updates"):  # (runs before --updates-per-rollout lack them)
+        several = [m["clip_fraction"] for m in metrics if m["updates"] > 1]
+        row.update(updates_per_step=float(np.mean([m["updates"] for m in metrics])),
+                   clip_fraction=float(np.mean(several)) if several else 0.0)
     if every_step_has(metrics, "loss_peak_memory_gb"):
         row["loss_peak_memory_gb"] = float(max(m["loss_peak_memory_gb"] for m in metrics))
     # Runs older than the solve metrics lack them, and a run resumed across that change has
@@ -320,9 +324,10 @@ def markdown_table(rows) -> str:
     lines = ["| arm | held-out accuracy (95% CI) | vs base | fixed/broke vs base (paired p) | "
              "format rate | truncated | answer tokens (mean) | "
              "train steps | train s (total) | median step s | median loss+grad s | "
-             "tokens in loss / step | tokens generated / step | train solve rate | "
-             "groups with signal | of which on correctness | loss+grad peak GB | peak GB |",
-             "|---" * 18 + "|"]
+             "tokens in loss / step | tokens generated / step | updates / step | clipped | "
+             "train solve rate | groups with signal | of which on correctness | "
+             "loss+grad peak GB | peak GB |",
+             "|---" * 20 + "|"]
     for r in rows:
         low, high = r["ci95"]
         delta = "" if r["delta_vs_base"] is None else f"{r['delta_vs_base'] * 100:+.1f} pts"
@@ -332,11 +337,12 @@ def markdown_table(rows) -> str:
         if "step_seconds" in r:
             cells += [f"{r['train_seconds']:.1f}", f"{r['step_seconds']:.1f}",
                       f"{r['loss_seconds']:.1f}", f"{r['selected_tokens_per_step']:.0f}",
-                      f"{r['generated_tokens_per_step']:.0f}", cell(r, "solve_rate", ".1%"),
+                      f"{r['generated_tokens_per_step']:.0f}", cell(r, "updates_per_step", ".2f"),
+                      cell(r, "clip_fraction", ".1%"), cell(r, "solve_rate", ".1%"),
                       f"{r['signal_fraction']:.0%}", cell(r, "solved_signal_fraction", ".0%"),
                       cell(r, "loss_peak_memory_gb", ".2f"), f"{r['peak_memory_gb']:.2f}"]
         else:
-            cells += [""] * 10
+            cells += [""] * 12
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -227,6 +227,19 @@ def test_arm_row_sums_training_time_and_reads_costs_by_hand():
     assert "| 25% | 87 | 3 | 15.0 | 4.0 |" in line and "| 1.50 | 1.00 |" in line
 
 
+def test_updates_per_step_and_the_clipped_share_of_the_steps_with_several():
+    """A step without signal applies no update; one update clips nothing and is left out of
+    the clipped share (mean over steps of updates 2..N's share of clipped tokens)."""
+    summary = {"accuracy": 0.5, "ci95": [0.4, 0.6], "n": 100, "format_rate": 0.9}
+    metrics = [{**step_metrics(step, 0.5), "updates": n, "clip_fraction": clipped}
+               for step, n, clipped in ((1, 4, 0.1), (2, 0, 0.0), (3, 4, 0.3), (4, 1, 0.0))]
+    row = arm_row("a", summary, metrics, 0.25)
+    assert row["updates_per_step"] == 9 / 4
+    assert row["clip_fraction"] == pytest.approx(0.2)
+    cells = [c.strip() for c in markdown_table([row]).splitlines()[2].split("|")[1:-1]]
+    assert cells[13:15] == ["2.25", "20.0%"]
+
+
 def test_older_runs_show_n_a_for_what_they_did_not_log():
     """An arm resumed from an older run: no truncation rate in its final eval, no loss+grad
     peak on its first step."""
@@ -236,8 +249,9 @@ def test_older_runs_show_n_a_for_what_they_did_not_log():
     row = arm_row("old", summary, metrics, 0.25)
     assert "truncation_rate" not in row and "loss_peak_memory_gb" not in row
     cells = [c.strip() for c in markdown_table([row]).splitlines()[2].split("|")[1:-1]]
-    assert cells[3] == cells[5] == cells[16] == "n/a"  # paired, truncated, loss+grad peak GB
-    assert cells[17] == "1.00"  # the overall peak is still known
+    # paired, truncated, updates / step, clipped, loss+grad peak GB
+    assert cells[3] == cells[5] == cells[13] == cells[14] == cells[18] == "n/a"
+    assert cells[19] == "1.00"  # the overall peak is still known
 
 
 def write_base(out, correct, final_n):
