@@ -135,7 +135,8 @@ def full_logprob(model, row, pos):
 
 def test_a_later_update_takes_the_clipped_surrogate_against_the_first_updates_policy(lora_model):
     """Update 1 records pi_old; after the weights move, update 2's loss and gradients are the
-    naive clipped surrogate's: -sum w min(r A, clip(r) A), r from full-logits forwards."""
+    naive clipped surrogate's: -sum w min(r A, clip(r) A), r from full-logits forwards; update
+    3's ratios are still to pi_old."""
     rows, triples, weights = case(1)
     clip = ClipRange(0.01, 0.05)  # tight, so the moved weights put some tokens outside
     cfg = TrainConfig(clip_epsilon=clip.low, clip_epsilon_high=clip.high)
@@ -176,6 +177,16 @@ def test_a_later_update_takes_the_clipped_surrogate_against_the_first_updates_po
         assert abs(second.ratios.clipped - clipped.sum()) <= near.sum() and clipped.sum() > 0
         assert second.ratios.kl_sum == pytest.approx((ratios - 1 - np.log(ratios)).sum(),
                                                      rel=1e-3)
+        # Update 3 (the weights moved again) still measures its ratio against the policy
+        # before the step, not against update 2's.
+        moved = lora_model.trainable_parameters()
+        lora_model.update(tree_map(lambda w, g: w - 0.5 * g / (mx.abs(g).max() + 1e-12), moved,
+                                   second.grads))
+        third = trainer.update_grads(step, cfg, batches)
+        ratios = np.exp(np.array([full_logprob(lora_model, rows[r], p) - lp
+                                  for (r, p, _), lp in zip(triples, old)]))
+        assert third.ratios.ratio_min == pytest.approx(ratios.min(), rel=1e-4)
+        assert third.ratios.ratio_max == pytest.approx(ratios.max(), rel=1e-4)
     finally:
         lora_model.update(before)
 
@@ -242,6 +253,27 @@ def test_each_update_applies_the_gradient_of_its_own_forward(tiny_model_dir, mon
     trainer.run_step(model, tok, toy_task(), cfg, World(), optimizer, step, 0)
     assert len(computed) == len(applied) == 3  # (one process: no all-reduce in between)
     assert all(a is c for a, c in zip(applied, computed))
+
+
+def test_a_skipped_update_ends_the_steps_updates(tiny_model_dir, monkeypatch):
+    """An update that found a NaN/inf moved nothing: the next would recompute the same
+    forward, so the step stops there and reports it."""
+    model, tok, cfg, optimizer, step = step_setup(tiny_model_dir, updates_per_rollout=3)
+    forwards, real_grads, real_update = [], trainer.update_grads, trainer.apply_update
+
+    def grads_spy(*args):
+        forwards.append(1)
+        return real_grads(*args)
+
+    def update_spy(model, optimizer, grads, clip, step):
+        if len(forwards) == 2:  # the second update's gradient is not finite
+            return float("nan"), True
+        return real_update(model, optimizer, grads, clip, step)
+
+    monkeypatch.setattr(trainer, "update_grads", grads_spy)
+    monkeypatch.setattr(trainer, "apply_update", update_spy)
+    metrics = trainer.run_step(model, tok, toy_task(), cfg, World(), optimizer, step, 0)
+    assert len(forwards) == 2 and metrics["updates"] == 1 and metrics["skipped"]
 
 
 def test_one_update_reports_ratio_one_and_nothing_clipped(tiny_model_dir):

@@ -1,0 +1,49 @@
+"""The equal-time table and plot (issue 26): the finished new arms of one seed beside the
+committed GRPO arm of that seed and the base model, from the files committed here.
+
+    python results/svamp-qwen2.5-0.5b/equal-time/table.py [--seed 1]
+
+Reads seed<N>/<arm>/ (collect.sh copies them from the runs), ../compare/grpo (seed 0) or
+../compare-seed1/grpo (seed 1) and ../compare/base; writes seed<N>/table.md, table.json and
+equal-time.png. Every arm is paired with the base and with GRPO on the same 300 questions.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from mlx_tokenrl.compare import (arm_row, base_reference, head_to_head_table, markdown_table,
+                                 paired, read_metrics, read_records)
+from mlx_tokenrl.compare_plot import ArmCurves, save_figure
+
+HERE = Path(__file__).resolve().parent
+COMMITTED_GRPO = {0: HERE.parent / "compare" / "grpo", 1: HERE.parent / "compare-seed1" / "grpo"}
+BASE = HERE.parent / "compare" / "base"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, choices=sorted(COMMITTED_GRPO))
+    seed = parser.parse_args().seed
+    out = HERE / f"seed{seed}"
+    arms = [("grpo (committed)", COMMITTED_GRPO[seed])]
+    arms += sorted((d.name, d) for d in out.iterdir() if (d / "final_eval.json").is_file())
+    base = json.loads((BASE / "final_eval.json").read_text())
+    base_records = read_records(BASE)
+    grpo_records = read_records(COMMITTED_GRPO[seed])
+    rows, pairs, curves = [arm_row("base", base, [], None)], [], []
+    for name, arm_dir in arms:
+        final = json.loads((arm_dir / "final_eval.json").read_text())
+        metrics, records = read_metrics(arm_dir), read_records(arm_dir)
+        rows.append(arm_row(name, final, metrics, base["accuracy"], paired(base_records, records)))
+        if name != arms[0][0]:
+            pairs.append({"arm": name, "against": arms[0][0], **paired(grpo_records, records)})
+        curves.append(ArmCurves(name, metrics, final["accuracy"], final["n"]))
+    (out / "table.md").write_text(markdown_table(rows) + head_to_head_table(pairs))
+    (out / "table.json").write_text(json.dumps({"rows": rows, "vs_grpo": pairs}, indent=2))
+    save_figure(out / "equal-time.png", base_reference(BASE, 100), curves)
+    print((out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
