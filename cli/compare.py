@@ -81,8 +81,10 @@ def compare(**kwargs):
                 console.print(f"[bold]arm {name}[/]: finished earlier, skipped", soft_wrap=True)
                 return
             if arm_cfg is not None:
-                console.print(f"[bold]arm {name}[/]: training {arm_cfg.steps} steps into "
-                              f"{arm_cfg.out}", soft_wrap=True)
+                length = (f"{arm_cfg.steps} steps" if arm_cfg.time_budget is None else
+                          f"for {arm_cfg.time_budget:g} s of steps (at most {arm_cfg.steps})")
+                console.print(f"[bold]arm {name}[/]: training {length} into {arm_cfg.out}",
+                              soft_wrap=True)
             # The base model's bar counts its evaluation; an arm's counts its steps.
             arm.update(name=name, trains=arm_cfg is not None, bar=progress.add_task(
                 name, total=arm_cfg.steps if arm_cfg else None, phase="starting", numbers=None))

@@ -133,3 +133,31 @@ def test_the_cli_says_where_the_budget_stopped_and_a_resume_may_extend_it(
     assert result.exit_code == 0, result.output
     assert "--time-budget 85 s reached after 7 steps" in result.output
     assert len(read_metrics(out)) == 7
+
+
+def test_compare_gives_every_arm_the_same_time_and_each_its_own_steps(tiny_model_dir, tmp_path,
+                                                                       monkeypatch):
+    """An arm whose steps are cheaper takes more of them in the same --time-budget."""
+    from typer.testing import CliRunner
+
+    from tokenrl_cli.main import app
+
+    real = trainer.run_step
+
+    def run_step(model, tokenizer, task, cfg, *args, **kwargs):
+        metrics = real(model, tokenizer, task, cfg, *args, **kwargs)
+        metrics["step_s"] = 10.0 if cfg.algo == "grpo" else 5.0
+        return metrics
+
+    monkeypatch.setattr(trainer, "run_step", run_step)
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, [
+        "compare", "multiply", "--digits", "1x1", "--model", str(tiny_model_dir), "--algos",
+        "grpo,t-spmo", "--steps", "50", "--time-budget", "30", "--warmup-steps", "1",
+        "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8",
+        "--eval-limit", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "arm grpo: training for 30 s of steps (at most 50)" in result.output
+    rows = {r["arm"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert (rows["grpo"]["steps"], rows["t-spmo"]["steps"]) == (3, 6)
+    assert rows["grpo"]["train_seconds"] == rows["t-spmo"]["train_seconds"] == 30
