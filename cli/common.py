@@ -361,9 +361,11 @@ def report_step(progress, bar, metrics, label: str | None = None):
     """A finished step: its numbers under the bar, or (no live display) one plain line that
     is never wrapped, so a log file can be grepped line by line."""
     fields = step_fields(metrics)
-    # --time-budget: the bar counts to the planned steps once they are known
-    progress.update(bar, total=metrics.get("planned_steps"), completed=metrics["step"],
-                    numbers=fields, phase="")
+    # --time-budget: the bar counts to the planned steps once they are known (the budget,
+    # not the plan, ends the run: it may take a step or two more)
+    planned = metrics.get("planned_steps")
+    progress.update(bar, total=None if planned is None else max(planned, metrics["step"]),
+                    completed=metrics["step"], numbers=fields, phase="")
     if not live_display():
         line = Text(f"{label + ' ' if label else ''}step {metrics['step']}: ")
         console.print(line.append_text(Text(SEPARATOR).join(fields)), soft_wrap=True,

@@ -57,8 +57,9 @@ def compare(**kwargs):
     """Train arms (algorithms, optionally with their own settings) from one start and compare
     their held-out accuracy with the base model's.
 
-    Every arm uses the same model, seed, data order and steps; the base model and every arm
-    are scored on the same held-out examples."""
+    Every arm uses the same model, seed, data order and steps (or, with --time-budget, the
+    same training time); the base model and every arm are scored on the same held-out
+    examples."""
     specs = [a.strip() for a in kwargs.pop("algos").split(",") if a.strip()]
     resume = kwargs.pop("resume")
     final_eval_limit = kwargs.pop("final_eval_limit")

@@ -48,8 +48,8 @@ def resumed_config(run_dir: Path, given: dict) -> TrainConfig:
                                                          if k not in RESUME_MAY_CHANGE])
     if changes:
         raise UserError(f"--resume {run_dir}: the run was started with other settings "
-                        f"({'; '.join(changes)}); only --steps and how steps run (e.g. "
-                        f"--max-memory) may change")
+                        f"({'; '.join(changes)}); only --steps, --time-budget and how "
+                        f"steps run (e.g. --max-memory) may change")
     cfg.validate()
     return cfg
 
@@ -76,6 +76,13 @@ def train(**kwargs):
             if done == cfg.steps:  # nothing to do: leave the run's files as they are
                 console.print(f"{resume}: already at step {done} of {cfg.steps} (extend it "
                               f"with --resume {resume} --steps N)", soft_wrap=True)
+                return
+            from mlx_tokenrl.budget import recorded_step_times, spent
+
+            if spent(cfg, recorded_step_times(resume, done)):
+                console.print(f"{resume}: its --time-budget {cfg.time_budget:g} s was spent "
+                              f"after {done} steps (extend it with --resume {resume} "
+                              f"--time-budget N)", soft_wrap=True)
                 return
         else:
             cfg = new_config(kwargs)
@@ -118,8 +125,9 @@ train.__signature__ = inspect.Signature(config_parameters([option_parameter(
     "resume", Annotated[Optional[Path], typer.Option(
         help="Continue the run in this directory from its last checkpoint: the command that "
              "started it plus --resume RUN, or --resume RUN alone (its saved settings). Settings "
-             "given again must keep the run's values, but --steps may extend it and how steps "
-             "run may change, e.g. --max-memory.", rich_help_panel="Bookkeeping")])]))
+             "given again must keep the run's values, but --steps or --time-budget may extend "
+             "it and how steps run may change, e.g. --max-memory.",
+        rich_help_panel="Bookkeeping")])]))
 
 
 def help_of(name: str, default=None):

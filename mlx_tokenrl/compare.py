@@ -168,9 +168,10 @@ def arm_row(name: str, summary: dict, metrics: list, base_accuracy: float | None
             peak_memory_gb=float(max(m["peak_memory_gb"] for m in metrics)),
             signal_fraction=float(np.mean([m["signal_fraction"] for m in metrics])))
     if every_step_has(metrics, "updates"):  # (runs before --updates-per-rollout lack them)
+        row["updates_per_step"] = float(np.mean([m["updates"] for m in metrics]))
         several = [m["clip_fraction"] for m in metrics if m["updates"] > 1]
-        row.update(updates_per_step=float(np.mean([m["updates"] for m in metrics])),
-                   clip_fraction=float(np.mean(several)) if several else 0.0)
+        if several:  # the mean over those steps of updates 2..N's share of clipped tokens
+            row["clip_fraction"] = float(np.mean(several))
     if every_step_has(metrics, "loss_peak_memory_gb"):
         row["loss_peak_memory_gb"] = float(max(m["loss_peak_memory_gb"] for m in metrics))
     # Runs older than the solve metrics lack them, and a run resumed across that change has
@@ -301,6 +302,13 @@ def cell(row: dict, key: str, spec: str) -> str:
     return format(row[key], spec) if key in row else "n/a"
 
 
+def clipped_cell(row: dict) -> str:
+    """'-' for an arm whose steps took one update each: nothing could be clipped."""
+    if "clip_fraction" not in row and "updates_per_step" in row:
+        return "-"
+    return cell(row, "clip_fraction", ".1%")
+
+
 def paired_cell(row: dict) -> str:
     """'52/27 (p=0.0066)': base answers the arm fixed / broke; blank for the base itself."""
     if row["delta_vs_base"] is None:
@@ -338,7 +346,7 @@ def markdown_table(rows) -> str:
             cells += [f"{r['train_seconds']:.1f}", f"{r['step_seconds']:.1f}",
                       f"{r['loss_seconds']:.1f}", f"{r['selected_tokens_per_step']:.0f}",
                       f"{r['generated_tokens_per_step']:.0f}", cell(r, "updates_per_step", ".2f"),
-                      cell(r, "clip_fraction", ".1%"), cell(r, "solve_rate", ".1%"),
+                      clipped_cell(r), cell(r, "solve_rate", ".1%"),
                       f"{r['signal_fraction']:.0%}", cell(r, "solved_signal_fraction", ".0%"),
                       cell(r, "loss_peak_memory_gb", ".2f"), f"{r['peak_memory_gb']:.2f}"]
         else:

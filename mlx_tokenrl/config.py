@@ -202,6 +202,8 @@ class RunSettings:
                                              "--microbatch-rows fixes the rows, give one")
         if self.time_budget is not None:
             above("time_budget", self.time_budget, 0)
+            require(math.isfinite(self.time_budget), "--time-budget must be a number of "
+                                                     "seconds, not infinite")
         if self.max_memory is not None:
             above("max_memory", self.max_memory, 0)
             at_most("max_memory", self.max_memory, MAX_MEMORY_GB)

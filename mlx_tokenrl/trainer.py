@@ -540,6 +540,11 @@ def prepare_run(cfg: TrainConfig, resume: bool):
     return world, task, model, tokenizer, optimizer, start, cfg
 
 
+def append_metrics(out: Path, metrics: dict):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
 def trim_metrics(path: Path, upto_step: int) -> list:
     """Drop metrics of steps after the checkpoint we resume from (they will be redone), and
     a last line cut short by a kill. Returns the records kept."""
@@ -748,6 +753,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
     if cfg.time_budget is not None and start >= budget.plan_point(cfg):
         planned, optimizer = plan_schedule(cfg, optimizer, step_times, world)
     over = out_of_time(cfg, step_times, world, start)  # a resumed run may have spent it
+    unwritten = None  # a finished step's metrics, until they are in metrics.jsonl
     try:
         for step in range(start, cfg.steps):
             if over:
@@ -759,7 +765,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
             metrics = run_step(model, tokenizer, task, planned, world, optimizer, loss_and_grad,
                                step, on_phase=report_phase,
                                on_selected=samples.for_step(step) if is_main else None)
-            done = step + 1
+            done, unwritten = step + 1, metrics
             step_times.append(metrics["step_s"])  # (rank 0's alone count)
             if cfg.time_budget is not None and done == budget.plan_point(cfg):
                 planned, optimizer = plan_schedule(cfg, optimizer, step_times, world)
@@ -777,8 +783,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
             if save and not ensure_ranks_agree(model, optimizer, world):
                 metrics["resynced"] = True  # never expected: ranks apply identical updates
             if is_main:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                append_metrics(out, metrics)
+                unwritten = None
                 tracker.log_step(metrics)
                 if save:
                     save_checkpoint(out, done, model, optimizer, state)
@@ -786,6 +792,10 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
                     on_step(metrics)
     except (KeyboardInterrupt, Exception):
         if is_main and done > start:
+            # The checkpoint and metrics.jsonl name the same steps (--time-budget reads its
+            # step times there on resume), also when this stops a step's evaluation.
+            if unwritten is not None:
+                append_metrics(out, unwritten)
             save_checkpoint(out, done, model, optimizer, state)
         raise
     finally:

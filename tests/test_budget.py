@@ -2,12 +2,16 @@
 
 import json
 import math
+from dataclasses import replace
 
 import mlx.core as mx
+import numpy as np
 import pytest
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_tokenrl import budget, trainer
 from mlx_tokenrl.config import ConfigError, TrainConfig
+from mlx_tokenrl.distributed import World
 
 
 def test_the_plan_buys_the_steps_that_first_reach_the_budget_at_the_median_time():
@@ -26,7 +30,7 @@ def test_spent_means_the_budget_is_reached_and_never_without_one():
 
 
 def test_a_budget_must_be_positive():
-    for bad in (0, -5, float("nan")):
+    for bad in (0, -5, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="--time-budget"):
             TrainConfig(time_budget=bad).validate()
 
@@ -96,14 +100,15 @@ def test_a_budget_stops_at_the_first_step_that_reaches_it_on_the_planned_schedul
     check_the_optimizer_took_the_planned_rate(out, metrics)
 
 
+@pytest.mark.parametrize("crash_at", [2, 3, 4])  # before, at and after the plan point
 def test_a_resumed_budget_run_plans_the_same_and_a_spent_one_trains_no_more(
-        tiny_model_dir, dense_files, tmp_path, fake_clock):
+        tiny_model_dir, dense_files, tmp_path, fake_clock, crash_at):
     out = tmp_path / "run"
     cfg = budget_config(tiny_model_dir, dense_files, out)
-    fake_clock["crash_at"] = 4
+    fake_clock["crash_at"] = crash_at
     with pytest.raises(KeyboardInterrupt):
         trainer.train(cfg)
-    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, crash_at))
     fake_clock["crash_at"] = None
     trainer.train(cfg, resume=True)
     metrics = read_metrics(out)
@@ -111,6 +116,49 @@ def test_a_resumed_budget_run_plans_the_same_and_a_spent_one_trains_no_more(
     check_the_optimizer_took_the_planned_rate(out, metrics)
     trainer.train(cfg, resume=True)
     assert read_metrics(out) == metrics
+
+
+def test_a_stop_during_an_evaluation_keeps_the_step_in_metrics_and_the_plan(
+        tiny_model_dir, dense_files, tmp_path, fake_clock, monkeypatch):
+    """Ctrl-C in the evaluation after step 2 (the plan point): the checkpoint holds step 2,
+    so metrics.jsonl must too, or the resumed run would plan from step 1's time alone."""
+    out = tmp_path / "run"
+    cfg = replace(budget_config(tiny_model_dir, dense_files, out), eval_every=2, eval_limit=2)
+    real = trainer.run_eval
+
+    def run_eval(*args, **kwargs):
+        if len(read_metrics(out)) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "run_eval", run_eval)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    trainer.train(cfg, resume=True)
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    assert [m["lr"] for m in metrics] == pytest.approx(hand_rates(), rel=1e-5)
+
+
+def test_the_planned_optimizer_keeps_adams_moments(lora_model):
+    """After the plan the moments go on: an update with zero gradients still moves the
+    weights by the momentum (a fresh Adam would not move them)."""
+    cfg = TrainConfig(lr=1e-2, steps=50, warmup_steps=2, time_budget=100)
+    optimizer = trainer.make_optimizer(cfg)
+    grads = tree_map(lambda p: mx.ones_like(p), lora_model.trainable_parameters())
+    before = lora_model.trainable_parameters()
+    try:
+        trainer.apply_update(lora_model, optimizer, grads, 0.0, step=0)
+        planned, optimizer = trainer.plan_schedule(cfg, optimizer, [10.0, 10.0], World())
+        assert planned.steps == 10
+        moved = {k: np.array(v) for k, v in tree_flatten(lora_model.trainable_parameters())}
+        zeros = tree_map(mx.zeros_like, grads)
+        trainer.apply_update(lora_model, optimizer, zeros, 0.0, step=2)
+        after = dict(tree_flatten(lora_model.trainable_parameters()))
+        assert all(not np.array_equal(np.array(after[k]), v) for k, v in moved.items())
+    finally:
+        lora_model.update(before)
 
 
 def test_the_cli_says_where_the_budget_stopped_and_a_resume_may_extend_it(
@@ -133,6 +181,12 @@ def test_the_cli_says_where_the_budget_stopped_and_a_resume_may_extend_it(
     assert result.exit_code == 0, result.output
     assert "--time-budget 85 s reached after 7 steps" in result.output
     assert len(read_metrics(out)) == 7
+    # a spent run is left as it is, without loading the model
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["train", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"{out}: its --time-budget 85 s was spent after 7 steps" in result.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
 
 
 def test_compare_gives_every_arm_the_same_time_and_each_its_own_steps(tiny_model_dir, tmp_path,

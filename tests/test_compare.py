@@ -238,6 +238,10 @@ def test_updates_per_step_and_the_clipped_share_of_the_steps_with_several():
     assert row["clip_fraction"] == pytest.approx(0.2)
     cells = [c.strip() for c in markdown_table([row]).splitlines()[2].split("|")[1:-1]]
     assert cells[13:15] == ["2.25", "20.0%"]
+    one = arm_row("a", summary, [{**step_metrics(1, 0.5), "updates": 1, "clip_fraction": 0.0}],
+                  0.25)
+    cells = [c.strip() for c in markdown_table([one]).splitlines()[2].split("|")[1:-1]]
+    assert "clip_fraction" not in one and cells[13:15] == ["1.00", "-"]
 
 
 def test_older_runs_show_n_a_for_what_they_did_not_log():
