@@ -73,17 +73,22 @@ def train(**kwargs):
             if done > cfg.steps:
                 raise UserError(f"--steps {cfg.steps}: the run in {resume} has already "
                                 f"finished {done} steps")
-            if done == cfg.steps:  # nothing to do: leave the run's files as they are
-                console.print(f"{resume}: already at step {done} of {cfg.steps} (extend it "
-                              f"with --resume {resume} --steps N)", soft_wrap=True)
-                return
-            from mlx_tokenrl.budget import recorded_step_times, spent
+            from mlx_tokenrl import step_log
+            from mlx_tokenrl.budget import spent
 
-            if spent(cfg, recorded_step_times(resume, done)):
-                console.print(f"{resume}: its --time-budget {cfg.time_budget:g} s was spent "
-                              f"after {done} steps (extend it with --resume {resume} "
-                              f"--time-budget N)", soft_wrap=True)
-                return
+            # A run with nothing left to do is left as it is (its files untouched), unless a
+            # stop cut short its last evaluation, which the resume runs.
+            metrics = step_log.read(Path(resume) / "metrics.jsonl", done)
+            if not step_log.evaluation_missed(metrics, done, cfg.eval_every):
+                if done == cfg.steps:
+                    console.print(f"{resume}: already at step {done} of {cfg.steps} (extend "
+                                  f"it with --resume {resume} --steps N)", soft_wrap=True)
+                    return
+                if spent(cfg, [m["step_s"] for m in metrics]):
+                    console.print(f"{resume}: its --time-budget {cfg.time_budget:g} s was "
+                                  f"spent after {done} steps (extend it with --resume {resume} "
+                                  f"--time-budget N)", soft_wrap=True)
+                    return
         else:
             cfg = new_config(kwargs)
         from mlx_tokenrl.trainer import train as run_training  # (seconds: not for a bad option)

@@ -14,10 +14,8 @@ The plan is a function of the run's step times, which metrics.jsonl keeps: a res
 computes the same one again, and nothing else needs saving.
 """
 
-import json
 import math
 import statistics
-from pathlib import Path
 
 from .config import TrainConfig
 
@@ -40,18 +38,3 @@ def planned_steps(cfg: TrainConfig, step_times: list) -> int:
 def spent(cfg: TrainConfig, step_times: list) -> bool:
     """Whether the run's training time has reached its budget (never, without one)."""
     return cfg.time_budget is not None and sum(step_times) >= cfg.time_budget
-
-
-def recorded_step_times(run_dir: Path, upto_step: int) -> list:
-    """The step times metrics.jsonl holds for steps 1..upto_step (a line cut short by a
-    kill is skipped, as a resume drops it)."""
-    times = []
-    path = Path(run_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-            if record["step"] <= upto_step:
-                times.append(record["step_s"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return times

@@ -23,7 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import budget
+from . import budget, step_log
 from .checkpoint import (atomic_write_bytes, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .distributed import World, as_world, init_world, start_timeout
@@ -540,28 +540,6 @@ def prepare_run(cfg: TrainConfig, resume: bool):
     return world, task, model, tokenizer, optimizer, start, cfg
 
 
-def append_metrics(out: Path, metrics: dict):
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-
-
-def trim_metrics(path: Path, upto_step: int) -> list:
-    """Drop metrics of steps after the checkpoint we resume from (they will be redone), and
-    a last line cut short by a kill. Returns the records kept."""
-    if not path.exists():
-        return []
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            if record["step"] <= upto_step:
-                kept.append((line, record))
-        except (ValueError, KeyError, TypeError):
-            continue
-    atomic_write_bytes(path, "".join(line + "\n" for line, _ in kept).encode())
-    return [record for _, record in kept]
-
-
 @dataclass
 class RankNumbers:
     """What each rank reports of a step; gathered as one float vector, read back by name."""
@@ -699,6 +677,13 @@ def reward_means(world: World, sums: dict, samples: float, step: int) -> dict:
     return {f"reward/{name}": float(total) / samples for name, total in zip(sums, totals)}
 
 
+def add_evaluation(metrics: dict, model, tokenizer, task, cfg, world, on_phase):
+    """The step's held-out accuracy and format rate, into its metrics."""
+    mx.clear_cache()
+    summary = run_eval(model, tokenizer, task, cfg, world, on_phase)
+    metrics.update(eval_accuracy=summary["accuracy"], eval_format_rate=summary["format_rate"])
+
+
 def run_eval(model, tokenizer, task, cfg, world=None, on_phase=no_phase):
     """Held-out accuracy, each rank scoring its shard of the examples (progress: this
     rank's shard)."""
@@ -733,13 +718,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
     world, task, model, tokenizer, optimizer, start, cfg = prepare_run(cfg, resume)
     out = Path(cfg.out)
     is_main = world.is_main
-    kept = trim_metrics(out / "metrics.jsonl", start) if is_main and resume else []
+    kept = step_log.trim(out / "metrics.jsonl", start) if is_main and resume else []
     step_times = [m["step_s"] for m in kept]  # rank 0's: it decides for --time-budget
     tracker = start_tracker(cfg) if is_main else Tracker()
     samples = SampleLog(out / "samples.jsonl", tokenizer, cfg.samples_every, cfg.samples_count,
                         tracker)
     if is_main:  # steps after the checkpoint will be redone; a new run starts it empty
-        trim_metrics(samples.path, start)
+        step_log.trim(samples.path, start)
     if on_start:
         on_start(start)
     report_phase = on_phase if is_main else no_phase
@@ -753,6 +738,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
     if cfg.time_budget is not None and start >= budget.plan_point(cfg):
         planned, optimizer = plan_schedule(cfg, optimizer, step_times, world)
     over = out_of_time(cfg, step_times, world, start)  # a resumed run may have spent it
+    missed = step_log.evaluation_missed(kept, start, cfg.eval_every) if is_main else None
+    if resume and world.broadcast_json(missed, "the missed evaluation"):
+        add_evaluation(kept[-1] if is_main else {}, model, tokenizer, task, cfg, world,
+                       report_phase)
+        if is_main:
+            step_log.rewrite(out / "metrics.jsonl", kept)
+            tracker.log_step(kept[-1])
     unwritten = None  # a finished step's metrics, until they are in metrics.jsonl
     try:
         for step in range(start, cfg.steps):
@@ -774,16 +766,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
             if is_main:
                 warned_truncation = warn_if_truncated(metrics, cfg, warned_truncation)
             if cfg.eval_every and done % cfg.eval_every == 0:
-                mx.clear_cache()
-                summary = run_eval(model, tokenizer, task, cfg, world, report_phase)
-                metrics.update(eval_accuracy=summary["accuracy"],
-                               eval_format_rate=summary["format_rate"])
+                add_evaluation(metrics, model, tokenizer, task, cfg, world, report_phase)
             over = out_of_time(cfg, step_times, world, done)
             save = done % cfg.save_every == 0 or done == cfg.steps or over
             if save and not ensure_ranks_agree(model, optimizer, world):
                 metrics["resynced"] = True  # never expected: ranks apply identical updates
             if is_main:
-                append_metrics(out, metrics)
+                step_log.append(out / "metrics.jsonl", metrics)
                 unwritten = None
                 tracker.log_step(metrics)
                 if save:
@@ -795,7 +784,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
             # The checkpoint and metrics.jsonl name the same steps (--time-budget reads its
             # step times there on resume), also when this stops a step's evaluation.
             if unwritten is not None:
-                append_metrics(out, unwritten)
+                step_log.append(out / "metrics.jsonl", unwritten)
             save_checkpoint(out, done, model, optimizer, state)
         raise
     finally:

@@ -105,6 +105,42 @@ def cli_train(*args):
     return CliRunner().invoke(app, ["train", *map(str, args)])
 
 
+def weights_eval(model, *args, **kwargs):
+    """An evaluation that reads the adapter (its weights' sum): two of them agree exactly
+    when they evaluated the same weights."""
+    total = sum(float(mx.sum(v)) for _, v in tree_flatten(model.trainable_parameters()))
+    return {"accuracy": total, "format_rate": 1.0}
+
+
+def evaluations(run_dir):
+    return [(m["step"], m.get("eval_accuracy"))
+            for m in map(json.loads, open(run_dir / "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("steps", [4, 2])  # the stopped evaluation: mid-run, the last step's
+def test_a_resume_runs_the_evaluation_a_stop_cut_short(tiny_model_dir, dense_task, tmp_path,
+                                                       monkeypatch, steps):
+    """Ctrl-C in step 2's evaluation saves step 2 without it; `train --resume` evaluates
+    step 2's adapter first (also when no step is left), as the uninterrupted run did."""
+    settings = dict(steps=steps, eval_every=2, eval_limit=1, save_every=5, algo="grpo")
+    monkeypatch.setattr(trainer, "run_eval", weights_eval)
+    straight = train(config(tiny_model_dir, dense_task, tmp_path / "a", **settings))
+
+    def ctrl_c_once(*args, **kwargs):
+        monkeypatch.setattr(trainer, "run_eval", weights_eval)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run_eval", ctrl_c_once)
+    stopped = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_model_dir, dense_task, stopped, **settings))
+    assert evaluations(stopped) == [(1, None), (2, None)]
+    result = cli_train("--resume", stopped)
+    assert result.exit_code == 0, result.output
+    assert evaluations(stopped) == evaluations(straight)
+    assert all(accuracy is not None for step, accuracy in evaluations(straight) if step % 2 == 0)
+
+
 def test_training_on_one_file_for_both_splits_warns_and_eval_of_a_file_does_not(
         tiny_model_dir, dense_task, tmp_path):
     from mlx_tokenrl.messages import warn_once
