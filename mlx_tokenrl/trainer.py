@@ -739,14 +739,16 @@ def train(cfg: TrainConfig, resume: bool = False, on_step=None, on_start=None,
         planned, optimizer = plan_schedule(cfg, optimizer, step_times, world)
     over = out_of_time(cfg, step_times, world, start)  # a resumed run may have spent it
     missed = step_log.evaluation_missed(kept, start, cfg.eval_every) if is_main else None
-    if resume and world.broadcast_json(missed, "the missed evaluation"):
-        add_evaluation(kept[-1] if is_main else {}, model, tokenizer, task, cfg, world,
-                       report_phase)
-        if is_main:
-            step_log.rewrite(out / "metrics.jsonl", kept)
-            tracker.log_step(kept[-1])
     unwritten = None  # a finished step's metrics, until they are in metrics.jsonl
     try:
+        if resume and world.broadcast_json(missed, "the missed evaluation"):
+            add_evaluation(kept[-1] if is_main else {}, model, tokenizer, task, cfg, world,
+                           report_phase)
+            if is_main:
+                step_log.rewrite(out / "metrics.jsonl", kept)
+                tracker.log_step(kept[-1])
+                if on_step:
+                    on_step(kept[-1])
         for step in range(start, cfg.steps):
             if over:
                 break

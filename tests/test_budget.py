@@ -141,6 +141,32 @@ def test_a_stop_during_an_evaluation_keeps_the_step_in_metrics_and_the_plan(
     assert [m["lr"] for m in metrics] == pytest.approx(hand_rates(), rel=1e-5)
 
 
+def test_a_spent_run_whose_last_evaluation_was_cut_short_is_evaluated_on_resume(
+        tiny_model_dir, dense_files, tmp_path, fake_clock, monkeypatch):
+    """Ctrl-C in the evaluation of step 5, the step that spent the budget: `train --resume`
+    runs that evaluation rather than calling the run finished."""
+    from typer.testing import CliRunner
+
+    from tokenrl_cli.main import app
+
+    out = tmp_path / "run"
+    cfg = replace(budget_config(tiny_model_dir, dense_files, out), eval_every=5, eval_limit=1)
+    real = trainer.run_eval
+
+    def ctrl_c_once(*args, **kwargs):
+        monkeypatch.setattr(trainer, "run_eval", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run_eval", ctrl_c_once)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg)
+    assert "eval_accuracy" not in read_metrics(out)[-1]
+    result = CliRunner().invoke(app, ["train", "--resume", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5] and "eval_accuracy" in metrics[-1]
+
+
 def test_the_planned_optimizer_keeps_adams_moments(lora_model):
     """After the plan the moments go on: an update with zero gradients still moves the
     weights by the momentum (a fresh Adam would not move them)."""

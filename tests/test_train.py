@@ -113,7 +113,7 @@ def weights_eval(model, *args, **kwargs):
 
 
 def evaluations(run_dir):
-    return [(m["step"], m.get("eval_accuracy"))
+    return [(m["step"], m.get("eval_accuracy"), m.get("eval_format_rate"))
             for m in map(json.loads, open(run_dir / "metrics.jsonl"))]
 
 
@@ -134,11 +134,17 @@ def test_a_resume_runs_the_evaluation_a_stop_cut_short(tiny_model_dir, dense_tas
     stopped = tmp_path / "b"
     with pytest.raises(KeyboardInterrupt):
         train(config(tiny_model_dir, dense_task, stopped, **settings))
-    assert evaluations(stopped) == [(1, None), (2, None)]
+    assert evaluations(stopped) == [(1, None, None), (2, None, None)]
     result = cli_train("--resume", stopped)
     assert result.exit_code == 0, result.output
     assert evaluations(stopped) == evaluations(straight)
-    assert all(accuracy is not None for step, accuracy in evaluations(straight) if step % 2 == 0)
+    assert all(accuracy is not None for step, accuracy, _ in evaluations(straight) if step % 2 == 0)
+    assert any(line.startswith("step 2: ") and " acc " in line for line in result.output.splitlines())
+    # evaluated, the finished run is left as it is
+    files = snapshot(stopped)
+    result = cli_train("--resume", stopped)
+    assert f"already at step {steps} of {steps}" in result.output
+    assert snapshot(stopped) == files
 
 
 def test_training_on_one_file_for_both_splits_warns_and_eval_of_a_file_does_not(
