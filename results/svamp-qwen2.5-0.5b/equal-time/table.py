@@ -10,6 +10,7 @@ equal-time.png. Every arm is paired with the base and with GRPO on the same 300 
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from mlx_tokenrl.compare import (arm_row, base_reference, head_to_head_table, markdown_table,
@@ -19,6 +20,20 @@ from mlx_tokenrl.compare_plot import ArmCurves, save_figure
 HERE = Path(__file__).resolve().parent
 COMMITTED_GRPO = {0: HERE.parent / "compare" / "grpo", 1: HERE.parent / "compare-seed1" / "grpo"}
 BASE = HERE.parent / "compare" / "base"
+
+
+def machine_speed(arms: list) -> str:
+    """The rollout's milliseconds per generated token (median over steps), arm by arm: the
+    same decoding code in every arm, so it tells the machine of the day (and what else ran
+    beside it) from what an arm costs. Longer completions cost a little more per token (a
+    longer attention), so it is a rough check, not a correction."""
+    lines = ["", "Machine speed (the same decoding code in every arm; longer completions cost "
+             "a little more per token):", "",
+             "| arm | rollout ms per generated token (median over steps) |", "|---|---|"]
+    for name, arm_dir in arms:
+        per_token = [1000 * m["rollout_s"] / m["generated_tokens"] for m in read_metrics(arm_dir)]
+        lines.append(f"| {name} | {statistics.median(per_token):.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -39,7 +54,8 @@ def main():
         if name != arms[0][0]:
             pairs.append({"arm": name, "against": arms[0][0], **paired(grpo_records, records)})
         curves.append(ArmCurves(name, metrics, final["accuracy"], final["n"]))
-    (out / "table.md").write_text(markdown_table(rows) + head_to_head_table(pairs))
+    (out / "table.md").write_text(markdown_table(rows) + head_to_head_table(pairs)
+                                  + machine_speed(arms))
     (out / "table.json").write_text(json.dumps({"rows": rows, "vs_grpo": pairs}, indent=2))
     save_figure(out / "equal-time.png", base_reference(BASE, 100), curves)
     print((out / "table.md").read_text())
