@@ -36,6 +36,25 @@ def machine_speed(arms: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def step_costs(arms: list) -> str:
+    """Where a step's time went (medians over steps, seconds), and the steps the
+    --time-budget plan expected against the ones the budget bought: the schedule's cosine
+    ends at the planned step, and steps after it run at its floor (lr/10)."""
+    lines = ["", "Where a step's time went (medians over steps, s) and the budget's plan:", "",
+             "| arm | rollout | loss+grad | updates 2-N | step | steps planned | steps taken |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, arm_dir in arms:
+        metrics = read_metrics(arm_dir)
+
+        def median(key):
+            return statistics.median(m.get(key, 0.0) for m in metrics)
+        planned = metrics[-1].get("planned_steps", "(--steps)")
+        lines.append(f"| {name} | {median('rollout_s'):.0f} | {median('loss_s'):.0f} | "
+                     f"{median('more_updates_s'):.0f} | {median('step_s'):.0f} | {planned} | "
+                     f"{len(metrics)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, choices=sorted(COMMITTED_GRPO))
@@ -55,7 +74,7 @@ def main():
             pairs.append({"arm": name, "against": arms[0][0], **paired(grpo_records, records)})
         curves.append(ArmCurves(name, metrics, final["accuracy"], final["n"]))
     (out / "table.md").write_text(markdown_table(rows) + head_to_head_table(pairs)
-                                  + machine_speed(arms))
+                                  + step_costs(arms) + machine_speed(arms))
     (out / "table.json").write_text(json.dumps({"rows": rows, "vs_grpo": pairs}, indent=2))
     save_figure(out / "equal-time.png", base_reference(BASE, 100), curves)
     print((out / "table.md").read_text())
