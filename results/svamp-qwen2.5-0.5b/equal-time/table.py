@@ -23,29 +23,28 @@ BASE = HERE.parent / "compare" / "base"
 
 
 def machine_speed(arms: list) -> str:
-    """The rollout's milliseconds per generated token (median over steps), arm by arm: the
-    same decoding code in every arm, so it tells the machine of the day (and what else ran
-    beside it) from what an arm costs. Longer completions cost a little more per token (a
-    longer attention), so it is a rough check, not a correction."""
+    """The rollout's milliseconds per generated token (median over steps) of each of `arms`,
+    (name, metrics) pairs: the same decoding code in every arm, so it tells the machine of
+    the day (and what else ran beside it) from what an arm costs. Longer completions cost a
+    little more per token (a longer attention), so it is a rough check, not a correction."""
     lines = ["", "Machine speed (the same decoding code in every arm; longer completions cost "
              "a little more per token):", "",
              "| arm | rollout ms per generated token (median over steps) |", "|---|---|"]
-    for name, arm_dir in arms:
-        per_token = [1000 * m["rollout_s"] / m["generated_tokens"] for m in read_metrics(arm_dir)]
+    for name, metrics in arms:
+        per_token = [1000 * m["rollout_s"] / m["generated_tokens"] for m in metrics]
         lines.append(f"| {name} | {statistics.median(per_token):.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def step_costs(arms: list) -> str:
-    """Where a step's time went (medians over steps, seconds), and the steps the
-    --time-budget plan expected against the ones the budget bought: the schedule's cosine
-    ends at the planned step, and steps after it run at its floor (lr/10)."""
+    """Where a step's time went in each of `arms`, (name, metrics) pairs (medians over steps,
+    seconds), and the steps the --time-budget plan expected against the ones the budget
+    bought: the schedule's cosine ends at the planned step, and steps after it run at its
+    floor (lr/10)."""
     lines = ["", "Where a step's time went (medians over steps, s) and the budget's plan:", "",
              "| arm | rollout | loss+grad | updates 2-N | step | steps planned | steps taken |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, arm_dir in arms:
-        metrics = read_metrics(arm_dir)
-
+    for name, metrics in arms:
         def median(key):
             return statistics.median(m.get(key, 0.0) for m in metrics)
         planned = metrics[-1].get("planned_steps", "(--steps)")
@@ -65,7 +64,7 @@ def main():
     base = json.loads((BASE / "final_eval.json").read_text())
     base_records = read_records(BASE)
     grpo_records = read_records(COMMITTED_GRPO[seed])
-    rows, pairs, curves = [arm_row("base", base, [], None)], [], []
+    rows, pairs, curves, measured = [arm_row("base", base, [], None)], [], [], []
     for name, arm_dir in arms:
         final = json.loads((arm_dir / "final_eval.json").read_text())
         metrics, records = read_metrics(arm_dir), read_records(arm_dir)
@@ -73,8 +72,9 @@ def main():
         if name != arms[0][0]:
             pairs.append({"arm": name, "against": arms[0][0], **paired(grpo_records, records)})
         curves.append(ArmCurves(name, metrics, final["accuracy"], final["n"]))
+        measured.append((name, metrics))
     (out / "table.md").write_text(markdown_table(rows) + head_to_head_table(pairs)
-                                  + step_costs(arms) + machine_speed(arms))
+                                  + step_costs(measured) + machine_speed(measured))
     (out / "table.json").write_text(json.dumps({"rows": rows, "vs_grpo": pairs}, indent=2))
     save_figure(out / "equal-time.png", base_reference(BASE, 100), curves)
     print((out / "table.md").read_text())
