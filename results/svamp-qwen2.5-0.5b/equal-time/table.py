@@ -6,6 +6,8 @@ committed GRPO arm of that seed and the base model, from the files committed her
 Reads seed<N>/<arm>/ (collect.sh copies them from the runs), ../compare/grpo (seed 0) or
 ../compare-seed1/grpo (seed 1) and ../compare/base; writes seed<N>/table.md, table.json and
 equal-time.png. Every arm is paired with the base and with GRPO on the same 300 questions.
+Once both seeds have a table.json, it also writes two-seeds.md: the arms that ran both seeds,
+their mean against GRPO's mean and the base (the issue's target).
 """
 
 import argparse
@@ -16,6 +18,7 @@ from pathlib import Path
 from mlx_tokenrl.compare import (arm_row, base_reference, head_to_head_table, markdown_table,
                                  paired, read_metrics, read_records)
 from mlx_tokenrl.compare_plot import ArmCurves, save_figure
+from mlx_tokenrl.evaluate import sign_test_p
 
 HERE = Path(__file__).resolve().parent
 COMMITTED_GRPO = {0: HERE.parent / "compare" / "grpo", 1: HERE.parent / "compare-seed1" / "grpo"}
@@ -54,6 +57,30 @@ def step_costs(arms: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def two_seeds(tables: dict) -> str:
+    """The arms of both seeds' `tables` (seed -> table.json): each seed's accuracy, their mean
+    against GRPO's mean and the base's, and the answers fixed and broken against that seed's
+    GRPO summed over the seeds (600 paired answers), with the exact paired test on the sums."""
+    rows = [{r["arm"]: r for r in tables[seed]["rows"]} for seed in (0, 1)]
+    against = [{p["arm"]: p for p in tables[seed]["vs_grpo"]} for seed in (0, 1)]
+    grpo_mean = (rows[0]["grpo (committed)"]["accuracy"] + rows[1]["grpo (committed)"]["accuracy"]) / 2
+    base = rows[0]["base"]["accuracy"]
+    lines = ["| arm | seed 0 | seed 1 | mean | vs GRPO's mean | vs base | fixed / broke vs GRPO, "
+             "both seeds (p) | training s, seed 0 / seed 1 |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    for arm in [a for a in rows[0] if a in rows[1] and a != "base"]:
+        first, second = rows[0][arm], rows[1][arm]
+        mean = (first["accuracy"] + second["accuracy"]) / 2
+        vs_grpo = "" if arm not in against[0] else (
+            f"{(fixed := against[0][arm]['fixed'] + against[1][arm]['fixed'])} / "
+            f"{(broke := against[0][arm]['broke'] + against[1][arm]['broke'])} "
+            f"(p={sign_test_p(fixed, broke):.2g})")
+        lines.append(f"| {arm} | {first['accuracy']:.1%} | {second['accuracy']:.1%} | {mean:.1%} | "
+                     f"{100 * (mean - grpo_mean):+.1f} pts | {100 * (mean - base):+.1f} pts | {vs_grpo} | "
+                     f"{first['train_seconds']:,.0f} / {second['train_seconds']:,.0f} |")
+    return (f"Two seeds (base {base:.1%}; each seed's arms against that seed's GRPO):\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, choices=sorted(COMMITTED_GRPO))
@@ -78,6 +105,10 @@ def main():
     (out / "table.json").write_text(json.dumps({"rows": rows, "vs_grpo": pairs}, indent=2))
     save_figure(out / "equal-time.png", base_reference(BASE, 100), curves)
     print((out / "table.md").read_text())
+    tables = {n: json.loads(t.read_text()) for n in (0, 1) if (t := HERE / f"seed{n}" / "table.json").is_file()}
+    if len(tables) == 2:
+        (HERE / "two-seeds.md").write_text(two_seeds(tables))
+        print((HERE / "two-seeds.md").read_text())
 
 
 if __name__ == "__main__":
