@@ -21,6 +21,7 @@ from mlx_tokenrl.compare_plot import ArmCurves, save_figure
 from mlx_tokenrl.evaluate import sign_test_p
 
 HERE = Path(__file__).resolve().parent
+GRPO = "grpo (committed)"
 COMMITTED_GRPO = {0: HERE.parent / "compare" / "grpo", 1: HERE.parent / "compare-seed1" / "grpo"}
 BASE = HERE.parent / "compare" / "base"
 
@@ -64,7 +65,7 @@ def two_seeds(tables: dict) -> str:
     pairs are the same 300 questions twice, so they are not independent."""
     rows = [{r["arm"]: r for r in tables[seed]["rows"]} for seed in (0, 1)]
     against = [{p["arm"]: p for p in tables[seed]["vs_grpo"]} for seed in (0, 1)]
-    grpo_mean = (rows[0]["grpo (committed)"]["accuracy"] + rows[1]["grpo (committed)"]["accuracy"]) / 2
+    grpo_mean = (rows[0][GRPO]["accuracy"] + rows[1][GRPO]["accuracy"]) / 2
     base = rows[0]["base"]["accuracy"]
     lines = ["| arm | seed 0 | seed 1 | mean | vs GRPO's mean | vs base | fixed / broke vs GRPO, "
              "seed 0 (p); seed 1 (p); summed (approximate p) | training s, seed 0 / seed 1 |",
@@ -74,12 +75,13 @@ def two_seeds(tables: dict) -> str:
         mean = (first["accuracy"] + second["accuracy"]) / 2
         vs_grpo = ""
         if arm in against[0] and arm in against[1]:
-            per_seed = [f"{p['fixed']} / {p['broke']} ({p['p']:.2g})" for p in (against[0][arm], against[1][arm])]
-            fixed = against[0][arm]["fixed"] + against[1][arm]["fixed"]
-            broke = against[0][arm]["broke"] + against[1][arm]["broke"]
-            vs_grpo = f"{per_seed[0]}; {per_seed[1]}; {fixed} / {broke} ({sign_test_p(fixed, broke):.2g})"
-        lines.append(f"| {arm} | {first['accuracy']:.1%} | {second['accuracy']:.1%} | {mean:.1%} | "
-                     f"{100 * (mean - grpo_mean):+.1f} pts | {100 * (mean - base):+.1f} pts | {vs_grpo} | "
+            seeds = (against[0][arm], against[1][arm])
+            fixed, broke = sum(p["fixed"] for p in seeds), sum(p["broke"] for p in seeds)
+            vs_grpo = "; ".join([f"{p['fixed']} / {p['broke']} ({p['p']:.2g})" for p in seeds]
+                                + [f"{fixed} / {broke} ({sign_test_p(fixed, broke):.2g})"])
+        lines.append(f"| {arm} | {first['accuracy']:.1%} | {second['accuracy']:.1%} | "
+                     f"{mean:.1%} | {100 * (mean - grpo_mean):+.1f} pts | "
+                     f"{100 * (mean - base):+.1f} pts | {vs_grpo} | "
                      f"{first['train_seconds']:,.0f} / {second['train_seconds']:,.0f} |")
     return (f"Two seeds (base {base:.1%}; each seed's arms against that seed's GRPO):\n\n"
             + "\n".join(lines) + "\n")
@@ -90,7 +92,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0, choices=sorted(COMMITTED_GRPO))
     seed = parser.parse_args().seed
     out = HERE / f"seed{seed}"
-    arms = [("grpo (committed)", COMMITTED_GRPO[seed])]
+    arms = [(GRPO, COMMITTED_GRPO[seed])]
     arms += sorted((d.name, d) for d in out.iterdir() if (d / "final_eval.json").is_file())
     base = json.loads((BASE / "final_eval.json").read_text())
     base_records = read_records(BASE)
@@ -109,7 +111,8 @@ def main():
     (out / "table.json").write_text(json.dumps({"rows": rows, "vs_grpo": pairs}, indent=2))
     save_figure(out / "equal-time.png", base_reference(BASE, 100), curves)
     print((out / "table.md").read_text())
-    tables = {n: json.loads(t.read_text()) for n in (0, 1) if (t := HERE / f"seed{n}" / "table.json").is_file()}
+    tables = {n: json.loads(t.read_text()) for n in (0, 1)
+              if (t := HERE / f"seed{n}" / "table.json").is_file()}
     if len(tables) == 2:
         (HERE / "two-seeds.md").write_text(two_seeds(tables))
         print((HERE / "two-seeds.md").read_text())
